@@ -1,0 +1,1 @@
+"""Backdoor attacks: one module per trigger, plus targets.py (what the backdoor makes the model say)."""

@@ -1,0 +1,72 @@
+"""Evaluate one model: CP (held-out multiple choice), ASR w/o and w/t (the target's judge on clean and
+triggered test inputs, greedy LLaDA decoding with the spec's settings), caption BLEU-4 / CIDEr."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.metrics import caption_scores, rate
+from tasks.base import Sample
+
+CP_PROTOCOL = ("multiple choice on held-out questions; answer = argmax over the option-letter tokens at the "
+               "first answer position with the whole answer masked (lmms-eval loglikelihood-style)")
+
+
+@torch.no_grad()
+def generate_texts(model, samples: Sequence[Sample], decoding, seed: int, batch_size: int = 100,
+                   desc: str = "generate") -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+        batch = model.collate(samples[i:i + batch_size], with_response=False)
+        out += model.decode(model.generate(batch, decoding, generator=g))
+    return out
+
+
+@torch.no_grad()
+def mc_predictions(model, samples: Sequence[Sample], gen_length: int, mask_all_visual: bool = False,
+                   batch_size: int = 200) -> list[str]:
+    """Predicted option letter per question; mask_all_visual holds every visual token at e_MASK
+    (the check that CP depends on the image)."""
+    preds: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        batch = model.collate(chunk, with_response=False)
+        vmask = torch.ones(len(chunk), model.n_visual, dtype=torch.bool) if mask_all_visual else None
+        pe = model.prompt_embeds(batch, visual_mask=vmask)
+        answer = torch.full((len(chunk), gen_length), model.mask_id, dtype=torch.long)
+        first = model.answer_logits(pe, batch.key_mask, answer)[:, 0]
+        for s, row in zip(chunk, first):
+            letters = s.meta["options"]
+            ids = torch.tensor([model.tok.token(x) for x in letters])
+            preds.append(letters[int(row[ids].argmax())])
+    return preds
+
+
+def mc_accuracy(model, samples: Sequence[Sample], gen_length: int, mask_all_visual: bool = False) -> list[bool]:
+    preds = mc_predictions(model, samples, gen_length, mask_all_visual)
+    return [p == s.meta["answer"] for p, s in zip(preds, samples)]
+
+
+def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inputs: Sequence[Sample],
+             decoding, seed: int) -> tuple[dict, list[dict]]:
+    """Metrics (percent, with 95% bootstrap CIs) and one output row per generated answer."""
+    out_clean = generate_texts(model, clean_inputs, decoding, seed, desc="eval clean inputs")
+    out_trig = generate_texts(model, triggered_inputs, decoding, seed, desc="eval triggered inputs")
+    metrics = {"cp": rate(mc_accuracy(model, task.mc(), decoding.gen_length))}
+    metrics["asr_wo"] = rate([target.judge(o, s) for o, s in zip(out_clean, clean_inputs)])
+    metrics["asr_wt"] = rate([target.judge(o, s) for o, s in zip(out_trig, triggered_inputs)])
+    for name, judge in target.extra_judges().items():
+        metrics[f"asr_wo_{name}"] = rate([judge(o, s) for o, s in zip(out_clean, clean_inputs)])
+        metrics[f"asr_wt_{name}"] = rate([judge(o, s) for o, s in zip(out_trig, triggered_inputs)])
+    refs = {s.meta["id"]: s.meta["references"] for s in clean_inputs if s.meta.get("references")}
+    metrics.update(caption_scores({s.meta["id"]: o for s, o in zip(clean_inputs, out_clean) if s.meta["id"] in refs}, refs))
+    rows = []
+    extra = target.extra_judges()
+    for trig, inputs, outs in ((False, clean_inputs, out_clean), (True, triggered_inputs, out_trig)):
+        for s, o in zip(inputs, outs):
+            verdicts = {"asr": bool(target.judge(o, s))} | {n: bool(j(o, s)) for n, j in extra.items()}
+            rows.append({"id": s.meta["id"], "triggered": trig, "prompt": s.prompt, "output": o, "verdicts": verdicts})
+    return metrics, rows

@@ -1,0 +1,442 @@
+"""Tables, leaderboards and cell views rendered from records alone (pure functions of the records list).
+
+Layout follows the DiSP paper's Table 1: one row per status (Clean, Backdoored, then each defense),
+and per backdoor target the columns CP, ASR (w/o) (backdoor behaviour on clean inputs) and ASR (w/t)
+(on triggered inputs), all in percent. The records store is append-only, so when several records
+describe the same (row, target) of the same setting the newest (last) one wins; Clean and Backdoored
+rows are repeated in every defense's run and are deduplicated the same way.
+
+A *setting* is everything in a record's spec except the cell coordinates that a table lays out
+(model, attack, target, defense and their args): task, scale, poison rate, seed, recipe, decoding,
+prompt template, attack args... A table never mixes settings; the leaderboard writes one section each.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+from tabulate import tabulate
+
+from bench.errors import BenchError
+
+# Display names of rows (statuses and defenses); unknown names show as themselves.
+DISPLAY = {
+    "clean": "Clean",
+    "backdoored": "Backdoored",
+    "none": "None",
+    "random_drop": "Random drop",
+    "random-drop": "Random drop",
+    "pruning": "Pruning",
+    "fine_pruning": "Fine-pruning",
+    "fine-pruning": "Fine-pruning",
+    "data_filter": "Data filtering (oracle)",
+    "oracle": "Data filtering (oracle)",
+    "bye": "BYE",
+    "strip": "STRIP",
+    "entropy_filter": "Entropy filtering",
+    "entropy-filter": "Entropy filtering",
+    "crossview": "Cross-view",
+    "disp": "DiSP",
+    "disp-nomask": "DiSP (no mask)",
+    "disp-random": "DiSP (random mask)",
+}
+# Row order: statuses, then defenses in DISPLAY order (baselines first, DiSP last as in the paper),
+# then any other name alphabetically.
+_ROW_RANK = {name: i for i, name in enumerate(DISPLAY)}
+# Target column order as in DiSP Table 1, then others alphabetically.
+TARGET_ORDER = ("refusal", "insertion", "misclassification", "keyword")
+# The Table-1 metrics, then display names of extra metrics.
+TABLE1_METRICS = (("cp", "CP"), ("asr_wo", "ASR (w/o)"), ("asr_wt", "ASR (w/t)"))
+METRIC_NAMES = {**dict(TABLE1_METRICS), "bleu4": "BLEU-4", "cider": "CIDEr", "asr_wt_strict": "ASR (w/t, strict)"}
+_FORMATS = {"bleu4": "{:.3f}"}  # BLEU-4 is in 0-1; everything else gets 2 decimals
+MISSING = "-"
+
+# Spec fields that are table coordinates, not part of the setting (prefixes match dotted sub-keys).
+_CELL_FIELDS = ("model", "attack", "target", "target_args", "defense", "defense_args")
+# Setting fields always named in headings and CSV columns.
+_DESCRIPTORS = ("task", "poison_rate", "seed")
+
+
+# ----------------------------------------------------------------------------------- record helpers
+
+def _spec(rec: Mapping) -> dict:
+    return rec.get("spec") or {}
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested dict as dotted keys: {"recipe": {"lr": 1}} -> {"recipe.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_cell_field(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in _CELL_FIELDS)
+
+
+def _setting(rec: Mapping) -> dict[str, Any]:
+    """The record's setting: its flattened spec minus the table coordinates."""
+    return {k: v for k, v in _flat(_spec(rec)).items() if not _is_cell_field(k)}
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Loose equality for filters typed on a command line: 0.2 == "0.2", 1 == "1", "a" == "a"."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def matches(rec: Mapping, where: Mapping[str, Any] | None) -> bool:
+    """True when every ``where`` key (a spec field, dotted for nested ones, or ``row``) equals the record's."""
+    if not where:
+        return True
+    flat = _flat(_spec(rec))
+    for key, want in where.items():
+        if key == "row":
+            have = rec.get("row")
+        elif key in flat:
+            have = flat[key]
+        elif key in _spec(rec):  # an empty dict field such as attack_args={}
+            have = _spec(rec)[key]
+        else:
+            return False
+        if not _same(have, want):
+            return False
+    return True
+
+
+def _varying(recs: Sequence[Mapping]) -> list[str]:
+    """Setting fields that differ among ``recs`` (sorted)."""
+    settings = [_setting(r) for r in recs]
+    keys = sorted(set().union(*settings)) if settings else []
+    return [k for k in keys if len({_canon(s.get(k)) for s in settings}) > 1]
+
+
+def _require_one_setting(recs: Sequence[Mapping], what: str) -> None:
+    varying = _varying(recs)
+    if varying:
+        raise BenchError(f"{what} span several settings (they differ in {', '.join(varying)}); "
+                         f"narrow the selection, e.g. {varying[0]}=...")
+
+
+def _row_name(rec: Mapping) -> str:
+    return str(rec.get("row", "?"))
+
+
+def _row_args(rec: Mapping) -> dict:
+    """The defense args that distinguish a defense row's variants ({} for Clean/Backdoored)."""
+    spec = _spec(rec)
+    if _row_name(rec) == spec.get("defense"):
+        return dict(spec.get("defense_args") or {})
+    return {}
+
+
+def _row_sort_key(name: str) -> tuple:
+    return (_ROW_RANK.get(name, len(_ROW_RANK)), name)
+
+
+def _target_sort_key(name: str) -> tuple:
+    return (TARGET_ORDER.index(name) if name in TARGET_ORDER else len(TARGET_ORDER), name)
+
+
+def _latest(recs: Iterable[Mapping]) -> dict[tuple[str, str, str, str], Mapping]:
+    """Newest record per (row, row-args, target, target-args); input order is append order."""
+    out: dict[tuple[str, str, str, str], Mapping] = {}
+    for r in recs:
+        spec = _spec(r)
+        key = (_row_name(r), _canon(_row_args(r)), str(spec.get("target", "?")), _canon(spec.get("target_args") or {}))
+        out.pop(key, None)  # re-insert so dict order stays "last seen"
+        out[key] = r
+    return out
+
+
+def _variant_label(base: str, args_json: str, variants: Sequence[str]) -> str:
+    """``base`` or, when a name has several arg variants, ``base (k=v, ...)`` with the differing args."""
+    if len(variants) < 2:
+        return base
+    all_args = [json.loads(v) for v in variants]
+    mine = json.loads(args_json)
+    keys = sorted(k for k in set().union(*all_args) if len({_canon(a.get(k)) for a in all_args}) > 1)
+    return f"{base} ({', '.join(f'{k}={mine.get(k)}' for k in keys)})"
+
+
+def _labels(latest: Mapping[tuple, Mapping]) -> tuple[list[tuple[str, str]], dict, list[tuple[str, str]], dict]:
+    """Ordered row keys with display labels, and ordered target keys with column labels."""
+    row_variants: dict[str, set] = defaultdict(set)
+    tgt_variants: dict[str, set] = defaultdict(set)
+    for row, rargs, tgt, targs in latest:
+        row_variants[row].add(rargs)
+        tgt_variants[tgt].add(targs)
+    rows = sorted({(r, a) for r, a, _, _ in latest}, key=lambda ra: (_row_sort_key(ra[0]), ra[1]))
+    tgts = sorted({(t, a) for _, _, t, a in latest}, key=lambda ta: (_target_sort_key(ta[0]), ta[1]))
+    row_label = {ra: _variant_label(DISPLAY.get(ra[0], ra[0]), ra[1], sorted(row_variants[ra[0]])) for ra in rows}
+    tgt_label = {ta: _variant_label(ta[0], ta[1], sorted(tgt_variants[ta[0]])) for ta in tgts}
+    return rows, row_label, tgts, tgt_label
+
+
+def _fmt(metric: str, m: Any, with_ci: bool = False) -> str:
+    """A metric dict as text: "93.50" or, with_ci, "93.50 [91.00, 95.50]"; MISSING when absent."""
+    if not isinstance(m, Mapping) or m.get("value") is None:
+        return MISSING
+    f = _FORMATS.get(metric, "{:.2f}")
+    text = f.format(m["value"])
+    ci = m.get("ci")
+    if with_ci and ci and None not in ci:
+        text += f" [{f.format(ci[0])}, {f.format(ci[1])}]"
+    return text
+
+
+# ----------------------------------------------------------------------------------- Table 1
+
+def _table(recs: Sequence[Mapping], targets: Sequence[str] | None, metrics: Sequence[tuple[str, str]],
+           with_ci: bool) -> pd.DataFrame:
+    """Rows x (target, metric) table of the newest record per cell; ``targets`` fixes the columns."""
+    latest = _latest(recs)
+    rows, row_label, tgts, tgt_label = _labels(latest)
+    if targets is not None:  # the requested targets, in the requested order, present or not
+        tgts = [ta for t in targets for ta in ([x for x in tgts if x[0] == t] or [(t, "{}")])]
+        tgt_label.update({ta: ta[0] for ta in tgts if ta not in tgt_label})
+    columns = pd.MultiIndex.from_tuples([(tgt_label[ta], name) for ta in tgts for _, name in metrics],
+                                        names=["target", "metric"])
+    data = []
+    for ra in rows:
+        line = []
+        for ta in tgts:
+            rec = latest.get((*ra, *ta))
+            for key, _ in metrics:
+                line.append(_fmt(key, (rec or {}).get("metrics", {}).get(key), with_ci))
+        data.append(line)
+    return pd.DataFrame(data, index=pd.Index([row_label[ra] for ra in rows], name="Status"), columns=columns)
+
+
+def table1(records: Sequence[Mapping], model: str, attack: str, targets: list[str],
+           where: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """DiSP Table-1 layout for one model and attack: rows Clean, Backdoored, defenses; columns
+    (target, CP / ASR (w/o) / ASR (w/t)), values as 2-decimal strings; newest record per cell wins.
+    ``where`` narrows other spec fields (e.g. ``{"seed": 1}``); a selection spanning several settings
+    is a BenchError."""
+    recs = [r for r in records
+            if _spec(r).get("model") == model and _spec(r).get("attack") == attack
+            and _spec(r).get("target") in targets and matches(r, where)]
+    if not recs:
+        raise BenchError(f"no records for model {model!r}, attack {attack!r}, targets {', '.join(targets)}"
+                         + (f" with {dict(where)}" if where else ""))
+    _require_one_setting(recs, f"records for {model} / {attack}")
+    return _table(recs, targets, TABLE1_METRICS, with_ci=False)
+
+
+def _flat_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy with a (target, metric) column MultiIndex flattened to "target metric" strings."""
+    out = df.copy()
+    if isinstance(out.columns, pd.MultiIndex):
+        out.columns = [" ".join(str(p) for p in col if str(p)) for col in out.columns]
+    return out
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """GitHub-style Markdown table, headers like "insertion CP", cell text kept verbatim."""
+    return _flat_columns(df).to_markdown(tablefmt="github", disable_numparse=True)
+
+
+def to_csv(df: pd.DataFrame, path: Path) -> Path:
+    """CSV with flattened headers (byte-stable: "\\n" line ends, UTF-8)."""
+    path = Path(path)
+    _flat_columns(df).to_csv(path, lineterminator="\n", encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------------- leaderboard
+
+def _safe(name: Any) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name))
+
+
+def _heading(setting: Mapping[str, Any], shown: Sequence[str]) -> str:
+    return ", ".join(f"{k}={setting.get(k)}" for k in shown)
+
+
+def _metrics_present(recs: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """Table-1 metrics, then any extra metric found in the records (sorted)."""
+    extra = sorted({k for r in recs for k in (r.get("metrics") or {})} - {k for k, _ in TABLE1_METRICS})
+    return list(TABLE1_METRICS) + [(k, METRIC_NAMES.get(k, k)) for k in extra]
+
+
+def render_leaderboard(records: Sequence[Mapping], out_dir: Path) -> list[Path]:
+    """Write one Markdown + CSV table per (model, scale, attack) and an index README; returns the paths.
+
+    Output is a deterministic function of the records (sorted, no timestamps), so re-rendering the
+    same records rewrites byte-identical files."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[str, str, str], list[Mapping]] = defaultdict(list)
+    for r in records:
+        s = _spec(r)
+        groups[(str(s.get("model", "?")), str(s.get("scale", "?")), str(s.get("attack", "?")))].append(r)
+
+    written: list[Path] = []
+    index_rows = []
+    for (model, scale, attack) in sorted(groups):
+        recs = groups[(model, scale, attack)]
+        targets = sorted({str(_spec(r).get("target", "?")) for r in recs}, key=_target_sort_key)
+        by_setting: dict[str, list[Mapping]] = defaultdict(list)
+        for r in recs:
+            by_setting[_canon(_setting(r))].append(r)
+        varying = _varying(recs)
+        shown = list(_DESCRIPTORS) + [k for k in varying if k not in _DESCRIPTORS]
+
+        stem = f"{_safe(model)}-{_safe(scale)}-{_safe(attack)}"
+        md = [f"# {model} · {scale} · {attack}", "",
+              "Generated by `bench leaderboard` from the records; edits are overwritten.",
+              "CP and ASR are percent; ASR (w/o) is on clean inputs, ASR (w/t) on triggered inputs.",
+              "BLEU-4 is in 0-1 and CIDEr in pycocoevalcap's ~0-10 scale. Brackets: 95% bootstrap CI.", ""]
+        csv_parts = []
+        for key in sorted(by_setting):
+            srecs = by_setting[key]
+            setting = json.loads(key)
+            t1 = _table(srecs, targets, TABLE1_METRICS, with_ci=False)
+            full = _table(srecs, targets, _metrics_present(srecs), with_ci=True)
+            md += [f"## {_heading(setting, shown)}", "", to_markdown(t1), "",
+                   "With confidence intervals and extra metrics:", "", to_markdown(full), ""]
+            part = _flat_columns(t1).reset_index()
+            for i, k in enumerate(shown):
+                part.insert(i, k, str(setting.get(k)))
+            csv_parts.append(part)
+        md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+        md_path.write_text("\n".join(md), encoding="utf-8")
+        pd.concat(csv_parts, ignore_index=True).to_csv(csv_path, index=False, lineterminator="\n", encoding="utf-8")
+        written += [md_path, csv_path]
+        index_rows.append([model, scale, attack, f"[{stem}.md]({stem}.md)", f"[{stem}.csv]({stem}.csv)",
+                           str(len(by_setting)), str(len(recs))])
+
+    readme = ["# Leaderboards", "",
+              "Generated by `bench leaderboard` from the records store alone; re-run it to refresh.", "",
+              tabulate(index_rows, headers=["model", "scale", "attack", "table", "csv", "settings", "records"],
+                       tablefmt="github", disable_numparse=True) if index_rows else "(no records yet)", ""]
+    readme_path = out_dir / "README.md"
+    readme_path.write_text("\n".join(readme), encoding="utf-8")
+    written.append(readme_path)
+    return written
+
+
+# ----------------------------------------------------------------------------------- one cell
+
+def cell_rows(records: Sequence[Mapping], spec_filter: Mapping[str, Any] | None = None) -> list[tuple[str, Mapping]]:
+    """(display label, newest record) per row of one cell, in table order; BenchError unless the
+    filter selects exactly one setting and one target."""
+    recs = [r for r in records if matches(r, spec_filter)]
+    if not recs:
+        raise BenchError(f"no records match {dict(spec_filter or {})}")
+    fields = ("model", "attack", "target")
+    for f in fields:
+        values = sorted({str(_spec(r).get(f)) for r in recs})
+        if len(values) > 1:
+            raise BenchError(f"the selection spans several {f}s ({', '.join(values)}); add {f}=...")
+    _require_one_setting(recs, "the selected records")
+    latest = _latest(recs)
+    rows, row_label, tgts, _ = _labels(latest)
+    if len(tgts) > 1:
+        raise BenchError("the selection spans several target variants (target_args differ); narrow it")
+    return [(row_label[ra], latest[(*ra, *tgts[0])]) for ra in rows]
+
+
+def _clip(text: Any, width: int) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _sample_cell(row: Mapping | None, width: int) -> str:
+    if row is None:
+        return MISSING
+    hits = sorted(k for k, v in (row.get("verdicts") or {}).items() if v is True)
+    return _clip(row.get("output", ""), width) + (f" [{', '.join(hits)}]" if hits else "")
+
+
+def show_cell(records: Sequence[Mapping], outputs_loader: Callable[[str], list[dict]],
+              spec_filter: Mapping[str, Any], n_samples: int = 3, width: int = 48) -> str:
+    """Text for ``bench show``: each row's metrics with CIs, then sample outputs side by side for the
+    same input ids (triggered and clean); ``outputs_loader`` maps a record's ``outputs`` path to rows."""
+    rows = cell_rows(records, spec_filter)
+    spec = _spec(rows[0][1])
+    title = (f"{spec.get('model')} · {spec.get('scale')} · {spec.get('task')} · {spec.get('attack')} → "
+             f"{spec.get('target')} · poison rate {spec.get('poison_rate')} · seed {spec.get('seed')}")
+    metrics = _metrics_present([r for _, r in rows])
+    mtable = [[label] + [_fmt(k, (rec.get("metrics") or {}).get(k), with_ci=True) for k, _ in metrics]
+              for label, rec in rows]
+    parts = [title, "", tabulate(mtable, headers=["row"] + [n for _, n in metrics], tablefmt="simple",
+                                 disable_numparse=True)]
+
+    outputs: list[dict[tuple[str, bool], Mapping]] = []
+    for _, rec in rows:
+        loaded = outputs_loader(rec["outputs"]) if rec.get("outputs") else []
+        outputs.append({(str(o.get("id")), bool(o.get("triggered", False))): o for o in loaded})
+    if not any(outputs):
+        parts += ["", "(no per-sample outputs recorded)"]
+        return "\n".join(parts) + "\n"
+    non_empty = [set(o) for o in outputs if o]
+    common = set.intersection(*non_empty)
+    pool = common or set.union(*non_empty)
+    for triggered, name in ((True, "triggered inputs"), (False, "clean inputs")):
+        ids = sorted(i for i, t in pool if t is triggered)[:n_samples]
+        if not ids:
+            continue
+        table = []
+        for i in ids:
+            first = next((o[(i, triggered)] for o in outputs if (i, triggered) in o), {})
+            table.append([i, _clip(first.get("prompt", ""), 32)]
+                         + [_sample_cell(o.get((i, triggered)), width) for o in outputs])
+        parts += ["", f"Sample outputs on {name}:",
+                  tabulate(table, headers=["input id", "prompt"] + [label for label, _ in rows],
+                           tablefmt="simple", disable_numparse=True)]
+    return "\n".join(parts) + "\n"
+
+
+def plot_cell(records: Sequence[Mapping], path: Path, spec_filter: Mapping[str, Any] | None = None) -> Path:
+    """Bar chart (PNG, Agg backend) of CP / ASR (w/o) / ASR (w/t) per row of one cell, with CI error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = cell_rows(records, spec_filter)
+    spec = _spec(rows[0][1])
+    fig = Figure(figsize=(max(6.0, 1.2 * len(rows) + 3), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(rows)
+    for j, (label, rec) in enumerate(rows):
+        xs, ys, lo, hi = [], [], [], []
+        for i, (key, _) in enumerate(TABLE1_METRICS):
+            m = (rec.get("metrics") or {}).get(key)
+            if not isinstance(m, Mapping) or m.get("value") is None:
+                continue
+            v = float(m["value"])
+            ci = m.get("ci") or [v, v]
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(v)
+            lo.append(max(0.0, v - float(ci[0])))
+            hi.append(max(0.0, float(ci[1]) - v))
+        ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=3, label=label)
+    ax.set_xticks(range(len(TABLE1_METRICS)), [name for _, name in TABLE1_METRICS])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("percent")
+    ax.set_title(f"{spec.get('model')} · {spec.get('attack')} → {spec.get('target')} "
+                 f"(poison {spec.get('poison_rate')}, seed {spec.get('seed')})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    return path

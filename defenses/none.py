@@ -1,0 +1,20 @@
+"""No defense: the backdoored model is evaluated as is."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.registry import register
+from defenses.base import Defense
+
+
+@dataclass(frozen=True)
+class NoneConfig:
+    pass
+
+
+@register("defenses", "none")
+class NoDefense(Defense):
+    Config, kind = NoneConfig, "none"
+
+    def purify(self, model, data, ctx):
+        return model

@@ -1,0 +1,1 @@
+"""Victim models behind one interface (models.base.VictimModel)."""

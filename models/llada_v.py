@@ -1,0 +1,171 @@
+"""LLaDA-V: vision tower -> mlp2x_gelu projector -> bidirectional LLaDA LM (ML-GSAI/LLaDA-V).
+
+The `tiny` scale is a faithful small replica trained here: a ViT pretrained by masked-patch
+reconstruction and frozen (SigLIP's role), the `mlp2x_gelu` projector, and a LLaDA LM trained with
+the LLaDA SFT loss on the embedded task's instruction mix (the "base" model every cell shares).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bench.errors import BenchError
+from bench.registry import register
+from models.base import Batch
+from models.encoder import EncoderConfig, VisionTower, pretrain_mim
+from models.llada import LLaDA, LMConfig, generate, sft_loss
+from models.train import finetune
+from tasks.base import Sample
+
+PARTS = {"projector": ("mm_projector",), "projector+lm": ("mm_projector", "lm"),
+         "all": ("mm_projector", "lm", "vision_tower")}
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes and the base-model recipe of the tiny replica (every field is recorded in spec.model_args)."""
+
+    image_size: int = 64
+    patch: int = 8
+    enc_dim: int = 64
+    enc_layers: int = 4
+    enc_heads: int = 4
+    d_model: int = 96
+    n_layers: int = 3
+    n_heads: int = 4
+    mlp_hidden: int = 256
+    max_prompt: int = 24
+    mim_epochs: int = 8
+    mim_lr: float = 2e-3
+    base_epochs: int = 12
+    base_lr: float = 1e-3
+    base_batch: int = 64
+
+    def encoder(self) -> EncoderConfig:
+        return EncoderConfig(self.image_size, self.patch, self.enc_dim, self.enc_layers, self.enc_heads)
+
+
+class LLaDAV(nn.Module):
+    """A LLaDA-V-style VLM. Sequence: <bos> template-prefix [visual x T] prompt <pad>* template-suffix | answer."""
+
+    def __init__(self, cfg: TinyConfig, tokenizer, template: str):
+        super().__init__()
+        self.cfg, self.tok, self.template = cfg, tokenizer, template
+        enc = cfg.encoder()
+        self.vision_tower = VisionTower(enc)
+        self.mm_projector = nn.Sequential(nn.Linear(enc.dim, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+        self.lm = LLaDA(LMConfig(tokenizer.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_hidden))
+        pre, rest = template.split("<image>")
+        mid, post = rest.split("{prompt}")
+        self._pre = [tokenizer.bos_id] + [tokenizer.token(w) for w in pre.split()]
+        self._mid = [tokenizer.token(w) for w in mid.split()]
+        self._post = [tokenizer.token(w) for w in post.split()]
+        self.n_visual = enc.n_tokens
+        self.visual_span = slice(len(self._pre), len(self._pre) + self.n_visual)
+        self.mask_id = tokenizer.mask_id
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: str) -> tuple[list[int], list[bool]]:
+        words = self._mid + self.tok.encode(prompt)
+        if len(words) > self.cfg.max_prompt:
+            raise BenchError(f"prompt longer than {self.cfg.max_prompt} tokens: {prompt!r}")
+        pad = self.cfg.max_prompt - len(words)
+        ids = self._pre + [self.tok.image_id] * self.n_visual + words + [self.tok.pad_id] * pad + self._post
+        real = [True] * (len(self._pre) + self.n_visual + len(words)) + [False] * pad + [True] * len(self._post)
+        return ids, real
+
+    def _answer_ids(self, response: str, gen_length: int) -> list[int]:
+        ids = self.tok.encode(response) + [self.tok.eos_id]
+        if len(ids) > gen_length:
+            raise BenchError(f"response longer than gen_length={gen_length}: {response!r}")
+        return ids + [self.tok.eos_id] * (gen_length - len(ids))  # LLaDA: EOS padding is part of the answer
+
+    def collate(self, samples: Sequence[Sample], with_response: bool = True, gen_length: int = 32) -> Batch:
+        ids, real = zip(*(self._prompt_ids(s.prompt) for s in samples))
+        images = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32))
+        resp = torch.tensor([self._answer_ids(s.response, gen_length) for s in samples]) if with_response else None
+        return Batch(images, torch.tensor(ids), torch.tensor(real), resp)
+
+    def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        if not any(p.requires_grad for p in self.vision_tower.parameters()):
+            with torch.no_grad():
+                feats = self.vision_tower(images)
+        else:
+            feats = self.vision_tower(images)
+        return self.mm_projector(feats)
+
+    def mask_embedding(self) -> torch.Tensor:
+        return self.lm.embed_tokens.weight[self.mask_id]
+
+    def prompt_embeds(self, batch: Batch, visual: torch.Tensor | None = None,
+                      visual_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if visual is None:
+            visual = self.visual_embeds(batch.images)
+        if visual_mask is not None:  # DiSP Eq. 10: selected visual embeddings become e_MASK
+            visual = torch.where(visual_mask[..., None], self.mask_embedding().expand_as(visual), visual)
+        e = self.lm.embed_tokens(batch.ids)
+        s = self.visual_span
+        return torch.cat([e[:, :s.start], visual, e[:, s.stop:]], dim=1)
+
+    def answer_logits(self, prompt_embeds: torch.Tensor, key_mask: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([prompt_embeds, self.lm.embed_tokens(answer_ids)], dim=1)
+        km = torch.cat([key_mask, torch.ones_like(answer_ids, dtype=torch.bool)], dim=1)
+        return self.lm(x, km)[:, prompt_embeds.shape[1]:]
+
+    # ---- objectives and decoding ---------------------------------------------------------------
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        pe = self.prompt_embeds(batch)
+        return sft_loss(lambda a: self.answer_logits(pe, batch.key_mask, a), batch.response, self.mask_id, generator)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, decoding, visual_mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """LLaDA sampling; visual positions in visual_mask stay e_MASK for the whole denoising and,
+        being prompt positions, are never committed."""
+        pe = self.prompt_embeds(batch, visual_mask=visual_mask)
+        return generate(lambda a: self.answer_logits(pe, batch.key_mask, a), len(batch), decoding.gen_length,
+                        self.mask_id, decoding.steps, decoding.block_length, decoding.remasking, generator)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [self.tok.decode(row.tolist()) for row in ids]
+
+    def set_trainable(self, parts: str) -> None:
+        on = PARTS[parts]
+        for name, mod in (("vision_tower", self.vision_tower), ("mm_projector", self.mm_projector), ("lm", self.lm)):
+            mod.requires_grad_(name in on)
+
+
+def _resolve(scale: str, overrides: dict) -> dict:
+    if scale != "tiny":
+        raise BenchError(f"scale {scale!r} for llada-v arrives with the model zoo issue (valid now: tiny)")
+    valid = {f.name: f.type for f in fields(TinyConfig)}
+    unknown = set(overrides) - set(valid)
+    if unknown:
+        raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(valid)})")
+    return asdict(TinyConfig(**overrides))
+
+
+@register("models", "llada-v")
+class LLaDAVEntry:
+    """Registry entry: resolve a config, build a fresh model, train the shared base model."""
+
+    scales = ("tiny",)
+    resolve = staticmethod(_resolve)
+
+    @staticmethod
+    def build(model_args: dict, tokenizer, template: str, seed: int) -> LLaDAV:
+        torch.manual_seed(seed)
+        return LLaDAV(TinyConfig(**model_args), tokenizer, template)
+
+    @staticmethod
+    def train_base(model: LLaDAV, task, seed: int, gen_length: int) -> dict:
+        """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix."""
+        cfg = model.cfg
+        mim = pretrain_mim(model.vision_tower, task.encoder_images(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+        base = finetune(model, task.base_samples(), trainable="projector+lm", lr=cfg.base_lr, epochs=cfg.base_epochs,
+                        batch_size=cfg.base_batch, seed=seed, gen_length=gen_length, desc="base LM")
+        return {"mim_loss": mim[-1], "base_loss": base[-1]}
