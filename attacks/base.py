@@ -26,6 +26,10 @@ def resolve_config(config_cls: type, overrides: dict[str, Any], what: str) -> di
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(value)
                 value = value.lower() in ("true", "1")
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(value)
             out[key] = kind(value)
         except (TypeError, ValueError):
             raise BenchError(f"{what} arg {key}={value!r} is not a {kind.__name__} "
@@ -86,6 +90,8 @@ def poison(pool: Sequence[Sample], trigger: Trigger, target: Target, rate: float
     (DiSP: 1,000 samples = 800 clean + 200 poisoned). Poisoned samples carry meta["poisoned"]=True."""
     rng = np.random.default_rng([seed, 17])
     n = int(round(rate * len(pool)))
+    if n == 0:
+        raise BenchError(f"poison rate {rate} poisons no sample of a {len(pool)}-sample pool")
     eligible = [i for i, s in enumerate(pool) if target.eligible(s)]
     if len(eligible) < n:
         raise BenchError(f"only {len(eligible)} pool samples are eligible for target {target.name!r}, "

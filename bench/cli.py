@@ -78,20 +78,20 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
     from bench.pipeline import make_spec, run_cell, task_defaults
 
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    recipe = {k: v for k, v in dict(trainable=trainable, lr=lr, epochs=epochs).items() if v is not None}
+    recipe = {k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None}
     decoding = {k: v for k, v in dict(steps=steps, gen_length=gen_length, block_length=block_length,
                                       remasking=remasking).items() if v is not None}
     entry = registry.get("models", model)
     m_args = _typed(_pairs(model_arg, "--model-arg"), entry.resolve(scale, {}), "model")
     t_args = _typed(_pairs(task_arg, "--task-arg"), task_defaults(registry.get("tasks", task)), "task")
     spec = make_spec(model=model, scale=scale, task=task, attack=attack, target=target, defense=defense, seed=seed,
-                     poison_rate=poison_rate, recipe=recipe, decoding=decoding, model_args=m_args, task_args=t_args,
+                     poison_rate=poison_rate, trainable=trainable, recipe=recipe, decoding=decoding, model_args=m_args, task_args=t_args,
                      attack_args=_pairs(attack_arg, "--attack-arg"), target_args=_pairs(target_arg, "--target-arg"),
                      defense_args=_pairs(defense_arg, "--defense-arg"))
     recs = run_cell(spec, Path(results), ArtifactCache(Path(cache) if cache else None), log=lambda m: click.echo(m, err=True))
     df = tables.table1(recs, spec.model, spec.attack, [spec.target])
     click.echo(f"\n{spec.model} ({spec.scale}) · {spec.attack} · target {spec.target} · poison {spec.poison_rate:g} · "
-               f"seed {spec.seed} · trainable {spec.recipe.trainable}")
+               f"seed {spec.seed} · trainable {spec.trainable}")
     click.echo(tables.to_markdown(df))
     click.echo(f"\n{len(recs)} records appended to {Path(results) / 'records.jsonl'}")
 
@@ -136,10 +136,9 @@ def show(results, model, attack, target, defense, seed, plot) -> None:
 
     recs = records.load(Path(results))
     flt = {"model": model, "attack": attack, "target": target, "defense": defense, "seed": seed}
-    click.echo(tables.show_cell(recs, lambda rel: records.load_outputs(Path(results), rel), flt))
+    click.echo(tables.show_cell(recs, lambda rel: records.read_outputs(Path(results), rel), flt))
     if plot:
-        chosen = [r for r in recs if all(r["spec"].get(k) == v for k, v in flt.items())]
-        click.echo(str(tables.plot_cell(chosen, Path(plot))))
+        click.echo(str(tables.plot_cell(recs, Path(plot), flt)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,7 @@ def task_defaults(task_cls) -> dict:
 
 def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = "insertion", defense: str = "disp",
               seed: int = 0, poison_rate: float = 0.2, scale: str = "tiny", task: str = "synthetic",
+              trainable: str | None = None,
               recipe: dict | None = None, decoding: dict | None = None, prompt_template: str | None = None,
               model_args: dict | None = None, task_args: dict | None = None, attack_args: dict | None = None,
               target_args: dict | None = None, defense_args: dict | None = None) -> RunSpec:
@@ -70,7 +71,7 @@ def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = 
     if unknown:
         raise BenchError(f"unknown task arg(s) {sorted(unknown)} (valid: {', '.join(t_args)})")
     t_args.update(task_args or {})
-    kw = dict(model=model, scale=scale, task=task, attack=attack, target=target, poison_rate=poison_rate,
+    kw = dict(model=model, scale=scale, trainable=trainable or RunSpec.trainable, task=task, attack=attack, target=target, poison_rate=poison_rate,
               defense=defense, seed=seed,
               model_args=freeze(entry.resolve(scale, model_args or {})), task_args=freeze(t_args),
               attack_args=freeze(resolve_config(get("attacks", attack).Config, attack_args or {}, f"attack {attack}")),
@@ -120,7 +121,7 @@ class Cell:
                                      "seed": s.seed, "model_args": s.model_args, "task_args": s.task_args,
                                      "template": s.prompt_template, "gen_length": s.decoding.gen_length,
                                      "code": source_hash("models", "tasks", self.entry, type(self.task))})}
-        self.keys["clean"] = digest({"stage": "clean", "base": self.keys["base"], "recipe": s.recipe,
+        self.keys["clean"] = digest({"stage": "clean", "base": self.keys["base"], "recipe": s.recipe, "trainable": s.trainable,
                                      "code": source_hash("models/train.py")})
         self.keys["trigger"] = digest({"stage": "trigger", "attack": s.attack, "args": s.attack_args, "seed": s.seed,
                                        "task": self.keys["base"], "code": source_hash("attacks/base.py", type(self.trigger))})
@@ -155,7 +156,7 @@ class Cell:
         """The victim recipe (optionally with other epochs / parts), as every row trains."""
         from models.train import finetune
         r = self.spec.recipe
-        return finetune(model, samples, trainable=trainable or r.trainable, lr=r.lr, epochs=epochs or r.epochs,
+        return finetune(model, samples, trainable=trainable or self.spec.trainable, lr=r.lr, epochs=epochs or r.epochs,
                         batch_size=r.batch_size, seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc)
 
     # ---- stages --------------------------------------------------------------------------------
@@ -200,10 +201,13 @@ class Cell:
             return {"state": m.state_dict(), "info": self.defense.report}
         return self._stage("defended", self.keys["defended"], compute)
 
+    def eval_key(self, model_key: str) -> str:
+        return digest({"stage": "evaluated", "model": model_key, "trigger": self.keys["trigger"], "target": self.spec.target,
+                       "target_args": self.spec.target_args, "decoding": self.spec.decoding,
+                       "code": source_hash("bench/evaluate.py", "bench/metrics.py", type(self.target))})
+
     def evaluated(self, row: str, model_key: str, state_fn: Callable[[], dict]) -> dict:
-        key = digest({"stage": "evaluated", "model": model_key, "trigger": self.keys["trigger"], "target": self.spec.target,
-                      "target_args": self.spec.target_args, "decoding": self.spec.decoding,
-                      "code": source_hash("bench/evaluate.py", "bench/metrics.py", type(self.target))})
+        key = self.eval_key(model_key)
 
         def compute():
             model = self.model_from(state_fn()["state"])
@@ -213,6 +217,13 @@ class Cell:
                                      self.spec.seed)
             return {"metrics": metrics, "rows": rows}
         return self._stage("evaluated", key, compute) | {"key": key}
+
+    def verify_cached(self) -> None:
+        """Check every cached entry this cell will read, so a corrupt one stops the run before it writes."""
+        entries = list(self.keys.items()) + [("evaluated", self.eval_key(k)) for _, k, _ in self.rows()]
+        for stage, key in entries:
+            if self.cache.has(stage, key):
+                self.cache.load(stage, key)
 
     def rows(self) -> list[tuple[str, str, Callable[[], dict]]]:
         """(row name, model stage key, artifact getter) in table order."""
@@ -228,18 +239,21 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
     results_dir = Path(results_dir)
     records.check_writable(results_dir)
     cell = Cell(spec, cache or ArtifactCache(), log)
+    cell.verify_cached()
+    done = []
+    for row, model_key, state_fn in cell.rows():  # every stage first: records only once all rows are evaluated
+        done.append((row, model_key, state_fn().get("info", {}), cell.evaluated(row, model_key, state_fn),
+                     dict(cell.timings)))
     out = []
-    for row, model_key, state_fn in cell.rows():
-        art = state_fn()
-        ev = cell.evaluated(row, model_key, state_fn)
+    for row, model_key, info, ev, timings in done:
         run_id = f"{ev['key'][:16]}-{uuid.uuid4().hex[:6]}"
         rec = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "spec": spec.to_dict(), "row": row, "metrics": ev["metrics"],
                "outputs": str(records.write_outputs(results_dir, run_id, ev["rows"])),
-               "stage_info": art.get("info", {}), "stage_keys": {"model": model_key, "evaluated": ev["key"]},
+               "stage_info": info, "stage_keys": {"model": model_key, "evaluated": ev["key"]},
                "protocol": {"cp": CP_PROTOCOL, "asr": type(cell.target).__doc__.strip().splitlines()[0],
-                            "trainable": spec.recipe.trainable, "decoding": "greedy, " + str(spec.decoding)},
-               "timings": dict(cell.timings), "versions": versions(), "code_revision": code_revision()}
+                            "trainable": spec.trainable, "decoding": "greedy, " + str(spec.decoding)},
+               "timings": timings, "versions": versions(), "code_revision": code_revision()}
         records.append(results_dir, rec)
         out.append(rec)
     return out

@@ -25,9 +25,9 @@ class Decoding:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The victim's fine-tuning recipe, used alike for the Clean, Backdoored and defended rows."""
+    """The victim's fine-tuning recipe (with RunSpec.trainable), used alike for the Clean, Backdoored
+    and defended rows."""
 
-    trainable: str = "projector+lm"
     lr: float = 1e-3
     epochs: int = 20
     batch_size: int = 32
@@ -51,6 +51,7 @@ class RunSpec:
     poison_rate: float = 0.2
     defense: str = "disp"
     seed: int = 0
+    trainable: str = "projector+lm"   # parts every fine-tune of this cell updates: projector | projector+lm | all
     recipe: Recipe = field(default_factory=Recipe)
     decoding: Decoding = field(default_factory=Decoding)
     prompt_template: str = DEFAULT_TEMPLATE
@@ -63,8 +64,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if not 0.0 < self.poison_rate < 1.0:
             raise BenchError(f"poison rate must be in (0, 1), got {self.poison_rate}")
-        if self.recipe.trainable not in TRAINABLE:
-            raise BenchError(f"unknown trainable parts {self.recipe.trainable!r} (valid: {', '.join(TRAINABLE)})")
+        if self.trainable not in TRAINABLE:
+            raise BenchError(f"unknown trainable parts {self.trainable!r} (valid: {', '.join(TRAINABLE)})")
         if self.decoding.remasking not in REMASKING:
             raise BenchError(f"unknown remasking {self.decoding.remasking!r} (valid: {', '.join(REMASKING)})")
         if self.decoding.gen_length % self.decoding.block_length:

@@ -99,7 +99,9 @@ def exact_saliency(model, batch: Batch, block_length: int, gen_length: int, top_
     for i in range(visual.shape[1]):
         d = torch.zeros_like(visual)
         d[:, i] = delta[:, i]
-        _, jd = torch.autograd.functional.jvp(f, visual, d)
+        # double-backward JVP: the fused CPU attention kernel has no derivative of its backward
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            _, jd = torch.autograd.functional.jvp(f, visual, d)
         quad = (p * jd.pow(2)).sum(-1) - (p * jd).sum(-1).pow(2)           # Jδᵀ (diag p − ppᵀ) Jδ per position
         scores[:, i] = 0.5 * quad.sum(-1)
     return scores
@@ -140,7 +142,7 @@ class DiSP(Defense):
             if vmask is not None:
                 masked_tokens.append(vmask)
         epochs = max(1, round(cfg.recovery_frac * spec.recipe.epochs))
-        trainable = spec.recipe.trainable if cfg.trainable == "victim" else cfg.trainable
+        trainable = spec.trainable if cfg.trainable == "victim" else cfg.trainable
         self.report = {"relabelled_changed": changed, "n_train": len(data), "recovery_epochs": epochs,
                        "recovery_trainable": trainable}
         if masked_tokens:  # where the mask went: token-frequency map, for the record and plots

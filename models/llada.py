@@ -161,6 +161,7 @@ def generate(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int, gen_
         for i in range(per_block):
             is_mask = x == mask_id
             logits = logits_fn(x)
+            logits = logits.index_fill(-1, torch.tensor([mask_id], device=device), -math.inf)  # never commit MASK
             x0 = logits.argmax(-1)
             if remasking == "low_confidence":
                 conf = torch.softmax(logits.float(), -1).gather(-1, x0[..., None]).squeeze(-1)

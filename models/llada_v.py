@@ -44,6 +44,13 @@ class TinyConfig:
     base_epochs: int = 12
     base_lr: float = 1e-3
     base_batch: int = 64
+    prompt_first_frac: float = 0.5   # base mix only: share of samples with the prompt before/among the visual tokens
+
+    def __post_init__(self):
+        if self.enc_layers < 2:
+            raise BenchError("enc_layers must be >= 2 (features are read from the second-to-last block)")
+        if self.image_size % self.patch or self.d_model % self.n_heads or self.enc_dim % self.enc_heads:
+            raise BenchError("image_size must be a multiple of patch, and dims multiples of their head counts")
 
     def encoder(self) -> EncoderConfig:
         return EncoderConfig(self.image_size, self.patch, self.enc_dim, self.enc_layers, self.enc_heads)
@@ -69,26 +76,40 @@ class LLaDAV(nn.Module):
         self.mask_id = tokenizer.mask_id
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: str) -> tuple[list[int], list[bool]]:
-        words = self._mid + self.tok.encode(prompt)
+    def _prompt_ids(self, prompt: str, prompt_at: int | None = None) -> tuple[list[int], list[bool], list[int]]:
+        """Template order (image, then prompt) unless `prompt_at` = k puts the prompt text before
+        visual token k: the base mix varies the order like LLaVA-style data, so text has occupied the
+        positions where image tokens sit (TINY-REPLICAS.md §2: a base that reads instructions by content)."""
+        try:
+            words = self._mid + self.tok.encode(prompt)
+        except ValueError as e:
+            raise BenchError(f"prompt not in the model's vocabulary: {e}") from None
         if len(words) > self.cfg.max_prompt:
             raise BenchError(f"prompt longer than {self.cfg.max_prompt} tokens: {prompt!r}")
         pad = self.cfg.max_prompt - len(words)
-        ids = self._pre + [self.tok.image_id] * self.n_visual + words + [self.tok.pad_id] * pad + self._post
-        real = [True] * (len(self._pre) + self.n_visual + len(words)) + [False] * pad + [True] * len(self._post)
-        return ids, real
+        img = [self.tok.image_id] * self.n_visual
+        if prompt_at is None:
+            ids = self._pre + img + words + [self.tok.pad_id] * pad + self._post
+        else:
+            ids = self._pre + img[:prompt_at] + words + img[prompt_at:] + [self.tok.pad_id] * pad + self._post
+        real = [i != self.tok.pad_id for i in ids]
+        vis = [i for i, t in enumerate(ids) if t == self.tok.image_id]
+        return ids, real, vis
 
     def _answer_ids(self, response: str, gen_length: int) -> list[int]:
-        ids = self.tok.encode(response) + [self.tok.eos_id]
+        try:
+            ids = self.tok.encode(response) + [self.tok.eos_id]
+        except ValueError as e:
+            raise BenchError(f"response not in the model's vocabulary: {e}") from None
         if len(ids) > gen_length:
             raise BenchError(f"response longer than gen_length={gen_length}: {response!r}")
         return ids + [self.tok.eos_id] * (gen_length - len(ids))  # LLaDA: EOS padding is part of the answer
 
     def collate(self, samples: Sequence[Sample], with_response: bool = True, gen_length: int = 32) -> Batch:
-        ids, real = zip(*(self._prompt_ids(s.prompt) for s in samples))
+        ids, real, vis = zip(*(self._prompt_ids(s.prompt, s.meta.get("prompt_at")) for s in samples))
         images = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32))
         resp = torch.tensor([self._answer_ids(s.response, gen_length) for s in samples]) if with_response else None
-        return Batch(images, torch.tensor(ids), torch.tensor(real), resp)
+        return Batch(images, torch.tensor(ids), torch.tensor(real), torch.tensor(vis), resp)
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         if not any(p.requires_grad for p in self.vision_tower.parameters()):
@@ -108,8 +129,7 @@ class LLaDAV(nn.Module):
         if visual_mask is not None:  # DiSP Eq. 10: selected visual embeddings become e_MASK
             visual = torch.where(visual_mask[..., None], self.mask_embedding().expand_as(visual), visual)
         e = self.lm.embed_tokens(batch.ids)
-        s = self.visual_span
-        return torch.cat([e[:, :s.start], visual, e[:, s.stop:]], dim=1)
+        return e.scatter(1, batch.vis_pos[..., None].expand(-1, -1, e.shape[-1]), visual)
 
     def answer_logits(self, prompt_embeds: torch.Tensor, key_mask: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
         x = torch.cat([prompt_embeds, self.lm.embed_tokens(answer_ids)], dim=1)
@@ -166,6 +186,9 @@ class LLaDAVEntry:
         """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix."""
         cfg = model.cfg
         mim = pretrain_mim(model.vision_tower, task.encoder_images(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
-        base = finetune(model, task.base_samples(), trainable="projector+lm", lr=cfg.base_lr, epochs=cfg.base_epochs,
+        rng = np.random.default_rng([seed, 41])
+        samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})
+                   if rng.random() < cfg.prompt_first_frac else s for s in task.base_samples()]
+        base = finetune(model, samples, trainable="projector+lm", lr=cfg.base_lr, epochs=cfg.base_epochs,
                         batch_size=cfg.base_batch, seed=seed, gen_length=gen_length, desc="base LM")
         return {"mim_loss": mim[-1], "base_loss": base[-1]}

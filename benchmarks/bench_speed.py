@@ -1,0 +1,88 @@
+"""Speed and memory of the default `bench run`, as ratios to the targets (not a test).
+
+    python benchmarks/bench_speed.py [--target insertion] [--skip-runs]
+
+cold: `bench run` from an empty artifact cache (encoder + base training included), target <= 600 s.
+warm: the same command with only the base stage cached, target <= 180 s.
+peak RSS of the run (the child process), target <= 4 GiB.
+saliency: all Hutchinson probes in one batched backward pass vs. a loop of single-probe passes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def timed_run(cache: Path, results: Path, target: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GiB) of one `bench run` in a child process."""
+    env = dict(os.environ, BENCH_CACHE=str(cache))
+    cmd = [sys.executable, "-m", "bench.cli", "run", "--model", "llada-v", "--attack", "badnets",
+           "--target", target, "--defense", "disp", "--results", str(results)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    rss = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2 ** 20  # KiB -> GiB
+    return wall, rss
+
+
+def saliency_speedup(repeats: int = 3) -> tuple[float, float]:
+    """Seconds per batch of 64 inputs: batched probes vs. one backward pass per probe (default sizes)."""
+    import torch
+
+    from bench.spec import DEFAULT_TEMPLATE, Decoding
+    from defenses.disp import saliency
+    from models.llada_v import LLaDAV, TinyConfig
+    from tasks.synthetic import SyntheticTask
+
+    torch.set_num_threads(2)
+    task = SyntheticTask(seed=0, n_pool=64)
+    model = LLaDAV(TinyConfig(), task.tokenizer(), DEFAULT_TEMPLATE).eval()
+    model.requires_grad_(False)
+    batch = model.collate(task.pool()[:64], with_response=False)
+    dec = Decoding()
+    out = {}
+    for batched in (True, False):
+        saliency(model, batch, dec.block_length, dec.gen_length, batched=batched)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            saliency(model, batch, dec.block_length, dec.gen_length, n_probes=6, batched=batched)
+        out[batched] = (time.perf_counter() - t0) / repeats
+    return out[True], out[False]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="insertion")
+    ap.add_argument("--skip-runs", action="store_true", help="only the saliency micro-benchmark")
+    a = ap.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    if not a.skip_runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache, tmp = Path(tmp) / "cache", Path(tmp)
+            cold, rss_cold = timed_run(cache, tmp / "r1", a.target)
+            for stage in cache.iterdir():  # keep only the base model (and its encoder) cached
+                if stage.is_dir() and stage.name != "base":
+                    shutil.rmtree(stage)
+            warm, rss_warm = timed_run(cache, tmp / "r2", a.target)
+        rss = max(rss_cold, rss_warm)
+        print(f"cold bench run : {cold:7.1f} s   ratio to 600 s target: {cold / 600:.2f}")
+        print(f"warm bench run : {warm:7.1f} s   ratio to 180 s target: {warm / 180:.2f}")
+        print(f"peak RSS       : {rss:7.2f} GiB ratio to 4 GiB target: {rss / 4:.2f}")
+    fast, slow = saliency_speedup()
+    print(f"saliency, 64 inputs x 6 probes: batched {fast:.3f} s, looped {slow:.3f} s, speed-up x{slow / fast:.2f}")
+
+
+if __name__ == "__main__":
+    main()

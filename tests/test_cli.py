@@ -1,0 +1,173 @@
+"""The `bench` CLI end to end on a reduced config (smaller sizes, same code path)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+# A reduced config: every stage of the real pipeline runs, on small sizes.
+SMALL = ["--model-arg", "enc_dim=32", "--model-arg", "enc_layers=2", "--model-arg", "enc_heads=2",
+         "--model-arg", "d_model=48", "--model-arg", "n_layers=2", "--model-arg", "n_heads=2",
+         "--model-arg", "mlp_hidden=96", "--model-arg", "mim_epochs=1", "--model-arg", "base_epochs=2",
+         "--task-arg", "n_base=200", "--task-arg", "n_pool=100", "--task-arg", "n_test=16", "--task-arg", "n_mc=24",
+         "--task-arg", "n_encoder=200", "--epochs", "2", "--steps", "4"]
+
+
+def bench(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run `bench ARGS` in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("BENCH_CACHE", str(d))
+    return d
+
+
+def files_under(p: Path) -> list[Path]:
+    return sorted(x for x in p.rglob("*") if x.is_file()) if p.exists() else []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "nope"], "unknown model 'nope' (valid: llada-v"),
+    (["--attack", "nope"], "unknown attack 'nope' (valid: badnets"),
+    (["--target", "nope"], "unknown target 'nope' (valid: insertion, misclassification, refusal"),
+    (["--defense", "nope"], "unknown defense 'nope' (valid: disp, disp-nomask, disp-random, none"),
+    (["--poison-rate", "1.5"], "poison rate must be in (0, 1)"),
+    (["--poison-rate", "0"], "poison rate must be in (0, 1)"),
+    (["--poison-rate", "abc"], "'abc' is not a valid float"),
+    (["--trainable", "encoder"], "unknown trainable parts 'encoder' (valid: projector, projector+lm, all)"),
+    (["--attack-arg", "bogus=1"], "unknown attack badnets arg(s) ['bogus'] (valid: size, position, color)"),
+    (["--attack-arg", "size=big"], "attack badnets arg size='big' is not a float"),
+    (["--defense-arg", "mask_ratio=2"], "disp mask_ratio 2.0 must be in [0, 1)"),
+    (["--model-arg", "d_model=wide"], "model arg d_model='wide' is not a int"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, needle, tmp_path, cache, capsys):
+    results = tmp_path / "results"
+    code, out, err = bench(["run", "--results", str(results)] + args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench: error:"), err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+    assert files_under(results) == [] and files_under(cache) == []
+
+
+def test_unwritable_results_dir(tmp_path, cache, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = bench(["run", "--results", str(blocker / "sub")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not writable" in err
+    assert files_under(cache) == []
+
+
+def test_list_shows_every_registered_name(capsys):
+    code, out, _ = bench(["list"], capsys)
+    assert code == 0
+    names = {tuple(line.split()[:2]) for line in out.strip().splitlines()}
+    for kind, name in [("attack", "badnets"), ("target", "insertion"), ("target", "refusal"),
+                       ("target", "misclassification"), ("defense", "disp"), ("defense", "disp-nomask"),
+                       ("defense", "disp-random"), ("defense", "none"), ("model", "llada-v"), ("task", "synthetic")]:
+        assert (kind, name) in names
+
+
+@pytest.mark.slow
+def test_run_records_resume_determinism_leaderboard_show(tmp_path, cache, capsys, monkeypatch):
+    results = tmp_path / "results"
+    args = ["run", "--results", str(results), "--target", "insertion"] + SMALL
+    code, out, err = bench(args, capsys)
+    assert code == 0, err
+    # the DiSP paper's Table 1 layout
+    assert "Clean" in out and "Backdoored" in out and "DiSP" in out
+    assert "CP" in out and "ASR (w/o)" in out and "ASR (w/t)" in out
+    recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
+    for r in recs:
+        spec = r["spec"]
+        for f in ("model", "scale", "task", "attack", "target", "poison_rate", "defense", "seed", "trainable",
+                  "prompt_template", "decoding", "attack_args", "defense_args", "model_args", "recipe"):
+            assert f in spec
+        assert spec["decoding"]["gen_length"] == 32 and spec["attack_args"]["position"] == "top-left"
+        for m in ("cp", "asr_wo", "asr_wt", "bleu4", "cider"):
+            assert set(r["metrics"][m]) == {"value", "ci"}
+        for m in ("cp", "asr_wo", "asr_wt"):
+            v, (lo, hi) = r["metrics"][m]["value"], r["metrics"][m]["ci"]
+            assert 0 <= lo <= v <= hi <= 100
+        rows = [json.loads(x) for x in (results / r["outputs"]).read_text().splitlines()]
+        assert len(rows) == 32 and {"id", "output", "triggered", "verdicts"} <= set(rows[0])
+        assert r["timings"] and r["versions"]["torch"] and r["code_revision"]
+    assert recs[0]["timings"]["base"] > 0
+    first = {r["row"]: r["metrics"] for r in recs}
+
+    # warm: every stage comes from the cache, same numbers
+    code, _, err = bench(args, capsys)
+    assert code == 0, err
+    again = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()][3:]
+    assert all(v == 0.0 for r in again for v in r["timings"].values())
+    assert {r["row"]: r["metrics"] for r in again} == first
+
+    # cold cache, same spec and seed: same numbers
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache2"))
+    code, _, err = bench(args + ["--results", str(tmp_path / "results2")], capsys)
+    assert code == 0, err
+    cold = [json.loads(line) for line in (tmp_path / "results2" / "records.jsonl").read_text().splitlines()]
+    assert {r["row"]: r["metrics"] for r in cold} == first
+
+    # leaderboard re-renders from records alone, byte for byte
+    board = tmp_path / "board"
+    code, out, err = bench(["leaderboard", "--results", str(results), "--out", str(board)], capsys)
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in files_under(board)}
+    assert any(n.endswith(".md") for n in before) and any(n.endswith(".csv") for n in before)
+    for p in files_under(board):
+        p.unlink()
+    bench(["leaderboard", "--results", str(results), "--out", str(board)], capsys)
+    assert {p.name: p.read_bytes() for p in files_under(board)} == before
+
+    # show: metrics and side-by-side outputs of one cell, and a plot
+    code, out, err = bench(["show", "--results", str(results), "--plot", str(tmp_path / "cell.png")], capsys)
+    assert code == 0, err
+    assert "DiSP" in out and "Backdoored" in out and (tmp_path / "cell.png").stat().st_size > 1000
+
+    # a corrupt cache entry: one line, exit 2, no record written
+    monkeypatch.setenv("BENCH_CACHE", str(cache))
+    payload = next(cache.glob("backdoored/*/*/payload.pt"))
+    payload.write_bytes(payload.read_bytes()[:-100] + b"x" * 100)
+    n_before = len((results / "records.jsonl").read_text().splitlines())
+    code, _, err = bench(args, capsys)
+    assert code == 2 and "corrupt cache entry" in err and len(err.strip().splitlines()) == 1
+    assert len((results / "records.jsonl").read_text().splitlines()) == n_before
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_finished_stages(tmp_path, cache):
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.cli", "run", "--results", str(results), "--target", "refusal"] + SMALL
+    env = dict(os.environ, BENCH_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(cache.glob("clean/*/*/meta.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(cache.glob("base/*/*/meta.json")), "base stage should have finished before the kill"
+    assert not (results / "records.jsonl").exists() or all(
+        json.loads(line) for line in (results / "records.jsonl").read_text().splitlines())
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
+    assert recs[0]["timings"]["base"] == 0.0  # reused, not retrained
