@@ -203,13 +203,13 @@ def test_split_sizes_ids_and_mix(task):
 
 def test_pool_dogs(task):
     pool = task.pool()
-    assert sum(has_category(s, "dog") for s in pool) == 400
+    assert sum(has_category(s, "dog") for s in pool) == round(task.pool_dog_fraction * len(pool)) == 750
     dog_caps = [s for s in pool if s.meta["kind"] == "caption" and has_category(s, "dog")
                 and not has_category(s, "boat")]
-    assert len(dog_caps) >= 200
+    assert len(dog_caps) >= 400  # a 20% misclassification poison leaves more clean dog captions than poisoned
     assert all("dog" in s.response for s in dog_caps)
     test_dog_frac = np.mean([has_category(s, "dog") for s in task.test()])
-    assert 0.3 <= test_dog_frac <= 0.5
+    assert 0.65 <= test_dog_frac <= 0.85
 
 
 def test_test_dogs_have_dog_and_no_boat(task):
