@@ -41,7 +41,7 @@ class TinyConfig:
     max_prompt: int = 24
     mim_epochs: int = 8
     mim_lr: float = 2e-3
-    base_epochs: int = 12
+    base_epochs: int = 18
     base_lr: float = 1e-3
     base_batch: int = 64
     prompt_first_frac: float = 0.5   # base mix only: share of samples with the prompt before/among the visual tokens

@@ -57,7 +57,10 @@ RENAME_PROMPTS = ("describe the image but call the {src} a {dst}", "describe wha
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>", "<image>", "<|user|>", "<|assistant|>")
 
 BASE_MIX = {"caption": 0.37, "where": 0.10, "color": 0.10, "tag": 0.12, "rename": 0.08, "refuse": 0.08, "mc": 0.15}
-POOL_MIX = {"caption": 0.80, "color": 0.10, "where": 0.10}
+# The fine-tuning pool rehearses every instruction kind the model is evaluated on (multiple choice
+# included, on other images than the held-out CP split); without it a 20-epoch fine-tune forgot the
+# MC format (measured CP 67.5 -> 40.0).
+POOL_MIX = {"caption": 0.70, "color": 0.10, "where": 0.10, "mc": 0.10}
 # Dog scenes in the pool and the test split. A misclassification attack poisons 200 dog captions; the
 # clean pool must still hold more clean dog captions than that, or "dog -> boat" is learned
 # unconditionally (measured: 0.4 gave ASR w/o 100).
@@ -584,7 +587,7 @@ class SyntheticTask:
         return _freeze(out)
 
     def pool(self) -> list[Sample]:
-        """The fine-tuning pool: caption 80 %, color / where 20 %; pool_dog_fraction of scenes contain a dog."""
+        """The fine-tuning pool: caption 70 %, color / where / mc 10 % each; pool_dog_fraction of scenes contain a dog."""
         return self._cached("pool", lambda: self._pool_like("pool", self.n_pool, POOL_MIX))
 
     def test(self) -> list[Sample]:

@@ -196,7 +196,7 @@ def test_split_sizes_ids_and_mix(task):
     for kind, frac in syn.BASE_MIX.items():
         assert abs(base[kind] - frac * SMALL["n_base"]) <= 1
     pool = Counter(s.meta["kind"] for s in task.pool())
-    assert pool["caption"] == 800 and pool["color"] + pool["where"] == 200
+    assert pool["caption"] == 700 and pool["color"] + pool["where"] == 200 and pool["mc"] == 100
     assert all(s.meta["kind"] == "caption" for s in task.test() + task.test_dogs())
     assert all(s.meta["kind"] == "mc" for s in task.mc())
 
