@@ -170,4 +170,5 @@ def test_killed_run_resumes_from_finished_stages(tmp_path, cache):
     assert done.returncode == 0, done.stderr[-2000:]
     recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
     assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
-    assert recs[0]["timings"]["base"] == 0.0  # reused, not retrained
+    # the finished stages are reused, not retrained (base is not even loaded once clean is cached)
+    assert recs[0]["timings"].get("base", 0.0) == 0.0 and recs[0]["timings"]["clean"] == 0.0
