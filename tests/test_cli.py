@@ -172,3 +172,44 @@ def test_killed_run_resumes_from_finished_stages(tmp_path, cache):
     assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
     # the finished stages are reused, not retrained (base is not even loaded once clean is cached)
     assert recs[0]["timings"].get("base", 0.0) == 0.0 and recs[0]["timings"]["clean"] == 0.0
+
+
+@pytest.mark.slow
+def test_third_party_defense_runs_through_bench_run(tmp_path, cache, capsys, monkeypatch):
+    """A defense from another installed distribution (entry point bench.defenses) runs end to end."""
+    from bench import registry
+
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    (pkg / "ext_defense.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from defenses.base import Defense\n\n"
+        "@dataclass(frozen=True)\n"
+        "class Config:\n"
+        "    keep: float = 1.0\n\n"
+        "class ShrinkProjector(Defense):\n"
+        "    \"\"\"Scales the projector's output layer (a toy post-training mitigation).\"\"\"\n"
+        "    Config = Config\n"
+        "    def purify(self, model, data, ctx):\n"
+        "        model.mm_projector[2].weight.data.mul_(self.cfg.keep)\n"
+        "        self.report = {'n_train': len(data), 'saw_poison_flags': any('poisoned' in s.meta for s in data)}\n"
+        "        return model\n")
+    info = pkg / "ext_defense-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ext-defense\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[bench.defenses]\nshrink = ext_defense:ShrinkProjector\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
+    registry.reload_entry_points()
+
+    code, out, _ = bench(["list"], capsys)
+    assert "shrink" in out
+    results = tmp_path / "results"
+    code, out, err = bench(["run", "--results", str(results), "--defense", "shrink", "--defense-arg", "keep=0.5"]
+                           + SMALL, capsys)
+    assert code == 0, err
+    recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in recs] == ["clean", "backdoored", "shrink"]
+    assert recs[-1]["spec"]["defense_args"] == {"keep": 0.5}
+    # the pipeline hands non-oracle defenses the training set without poison flags
+    assert recs[-1]["stage_info"] == {"n_train": 100, "saw_poison_flags": False}
