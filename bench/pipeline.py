@@ -133,13 +133,16 @@ class Cell:
                                         "code": source_hash("defenses/base.py", type(self.defense))})
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _stage(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
+    def _stage(self, name: str, key: str, compute: Callable[[], Any], label: str | None = None) -> Any:
+        """Load or compute one stage; timings[label] = seconds spent computing it in this run (0 if cached)."""
+        label = label or name
         t0 = time.perf_counter()
         hit = self.cache.has(name, key)
         if not hit:
-            self.log(f"[{name}] computing (cache key {key[:12]})")
+            self.log(f"[{label}] computing (cache key {key[:12]})")
         art = self.cache.get_or_compute(name, key, compute, {"stage": name, "spec": self.spec.to_dict()})
-        self.timings[name] = 0.0 if hit else round(time.perf_counter() - t0, 2)
+        if not hit or label not in self.timings:  # a later cache hit must not erase the compute time
+            self.timings[label] = 0.0 if hit else round(time.perf_counter() - t0, 2)
         return art
 
     def fresh_model(self):
@@ -216,7 +219,7 @@ class Cell:
             metrics, rows = evaluate(model, self.task, self.target, clean_inputs, trig_inputs, self.spec.decoding,
                                      self.spec.seed)
             return {"metrics": metrics, "rows": rows}
-        return self._stage("evaluated", key, compute) | {"key": key}
+        return self._stage("evaluated", key, compute, label=f"evaluated_{row}") | {"key": key}
 
     def verify_cached(self) -> None:
         """Check every cached entry this cell will read, so a corrupt one stops the run before it writes."""

@@ -66,16 +66,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="insertion")
     ap.add_argument("--skip-runs", action="store_true", help="only the saliency micro-benchmark")
+    ap.add_argument("--keep", default=None, help="keep the cold run's cache and both runs' records under this dir")
     a = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     if not a.skip_runs:
         with tempfile.TemporaryDirectory() as tmp:
-            cache, tmp = Path(tmp) / "cache", Path(tmp)
-            cold, rss_cold = timed_run(cache, tmp / "r1", a.target)
-            for stage in cache.iterdir():  # keep only the base model (and its encoder) cached
-                if stage.is_dir() and stage.name != "base":
-                    shutil.rmtree(stage)
-            warm, rss_warm = timed_run(cache, tmp / "r2", a.target)
+            tmp = Path(a.keep) if a.keep else Path(tmp)
+            cache, warm_cache = tmp / "cache", tmp / "cache-warm"
+            cold, rss_cold = timed_run(cache, tmp / "results", a.target)
+            shutil.rmtree(warm_cache, ignore_errors=True)
+            shutil.copytree(cache / "base", warm_cache / "base")  # warm = only the base model cached
+            warm, rss_warm = timed_run(warm_cache, tmp / "results-warm", a.target)
         rss = max(rss_cold, rss_warm)
         print(f"cold bench run : {cold:7.1f} s   ratio to 600 s target: {cold / 600:.2f}")
         print(f"warm bench run : {warm:7.1f} s   ratio to 180 s target: {warm / 180:.2f}")

@@ -17,13 +17,15 @@ from tasks.base import Sample
 class Batch:
     """Collated inputs: images (B, H, W, 3); ids (B, S) the prompt sequence with image placeholders;
     key_mask (B, S) True on real tokens; vis_pos (B, T_img) where the visual tokens sit;
-    response (B, G) answer ids padded with EOS, or None."""
+    response (B, G) answer ids padded with EOS, or None; visual_mask (B, T_img) visual tokens held at
+    e_MASK during training (base-model augmentation), or None."""
 
     images: torch.Tensor
     ids: torch.Tensor
     key_mask: torch.Tensor
     vis_pos: torch.Tensor
     response: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -45,6 +45,8 @@ class TinyConfig:
     base_lr: float = 1e-3
     base_batch: int = 64
     prompt_first_frac: float = 0.5   # base mix only: share of samples with the prompt before/among the visual tokens
+    masked_visual_frac: float = 0.3  # base mix only: share of samples with some visual tokens held at e_MASK
+    masked_visual_max: float = 0.5   # ... each masking a uniform 0..max share of the visual tokens
 
     def __post_init__(self):
         if self.enc_layers < 2:
@@ -109,7 +111,12 @@ class LLaDAV(nn.Module):
         ids, real, vis = zip(*(self._prompt_ids(s.prompt, s.meta.get("prompt_at")) for s in samples))
         images = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32))
         resp = torch.tensor([self._answer_ids(s.response, gen_length) for s in samples]) if with_response else None
-        return Batch(images, torch.tensor(ids), torch.tensor(real), torch.tensor(vis), resp)
+        vmask = None
+        if any("masked_visual" in s.meta for s in samples):
+            vmask = torch.zeros(len(samples), self.n_visual, dtype=torch.bool)
+            for i, s in enumerate(samples):
+                vmask[i, list(s.meta.get("masked_visual", ()))] = True
+        return Batch(images, torch.tensor(ids), torch.tensor(real), torch.tensor(vis), resp, vmask)
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         if not any(p.requires_grad for p in self.vision_tower.parameters()):
@@ -138,7 +145,7 @@ class LLaDAV(nn.Module):
 
     # ---- objectives and decoding ---------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        pe = self.prompt_embeds(batch)
+        pe = self.prompt_embeds(batch, visual_mask=batch.visual_mask)
         return sft_loss(lambda a: self.answer_logits(pe, batch.key_mask, a), batch.response, self.mask_id, generator)
 
     @torch.no_grad()
@@ -189,6 +196,14 @@ class LLaDAVEntry:
         rng = np.random.default_rng([seed, 41])
         samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})
                    if rng.random() < cfg.prompt_first_frac else s for s in task.base_samples()]
+        if cfg.masked_visual_frac > 0:
+            # An MDLM reads MASK anywhere in its context as "unknown"; the tiny LM only meets MASK in the
+            # answer unless shown otherwise, and without this it degenerates once any visual token is
+            # masked (measured: 10% masked -> "dog image image"), which DiSP's masked inference needs.
+            mrng = np.random.default_rng([seed, 43])
+            samples = [s.with_(meta={**s.meta, "masked_visual": mrng.permutation(model.n_visual)[
+                       :int(mrng.integers(1, int(cfg.masked_visual_max * model.n_visual) + 1))].tolist()})
+                       if mrng.random() < cfg.masked_visual_frac else s for s in samples]
         base = finetune(model, samples, trainable="projector+lm", lr=cfg.base_lr, epochs=cfg.base_epochs,
                         batch_size=cfg.base_batch, seed=seed, gen_length=gen_length, desc="base LM")
         return {"mim_loss": mim[-1], "base_loss": base[-1]}
