@@ -115,7 +115,8 @@ class Cell:
         self.trigger = get("attacks", spec.attack)(**spec.args("attack"))
         self.target = get("targets", spec.target)(**spec.args("target"))
         self.defense = get("defenses", spec.defense)(**spec.args("defense"))
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}   # seconds each stage computed in this run, exclusive of nested stages
+        self._inner = 0.0
         s = spec
         self.keys = {"base": digest({"stage": "base", "model": s.model, "scale": s.scale, "task": s.task,
                                      "seed": s.seed, "model_args": s.model_args, "task_args": s.task_args,
@@ -136,13 +137,16 @@ class Cell:
     def _stage(self, name: str, key: str, compute: Callable[[], Any], label: str | None = None) -> Any:
         """Load or compute one stage; timings[label] = seconds spent computing it in this run (0 if cached)."""
         label = label or name
-        t0 = time.perf_counter()
+        t0, inner0 = time.perf_counter(), self._inner
         hit = self.cache.has(name, key)
         if not hit:
             self.log(f"[{label}] computing (cache key {key[:12]})")
         art = self.cache.get_or_compute(name, key, compute, {"stage": name, "spec": self.spec.to_dict()})
+        elapsed = time.perf_counter() - t0
+        own = elapsed - (self._inner - inner0)      # exclusive of stages computed inside this one
+        self._inner = inner0 + elapsed
         if not hit or label not in self.timings:  # a later cache hit must not erase the compute time
-            self.timings[label] = 0.0 if hit else round(time.perf_counter() - t0, 2)
+            self.timings[label] = 0.0 if hit else round(own, 2)
         return art
 
     def fresh_model(self):
