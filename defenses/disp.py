@@ -147,6 +147,7 @@ class DiSP(Defense):
                        "recovery_trainable": trainable}
         if masked_tokens:  # where the mask went: token-frequency map, for the record and plots
             self.report["mask_frequency"] = torch.cat(masked_tokens).float().mean(0).tolist()
+        self.purified = purified
         ctx.finetune(model, purified, epochs=epochs, trainable=trainable, desc="DiSP recovery")
         return model
 
