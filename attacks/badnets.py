@@ -47,6 +47,8 @@ def patch_box(h: int, w: int, size: float, position: str) -> tuple[slice, slice]
 
 @register("attacks", "badnets")
 class BadNets(Trigger):
+    """BadNets: a solid square patch (default black, 1/8 of the side, top-left corner)."""
+
     Config = BadNetsConfig
 
     def apply(self, image, prompt, rng):

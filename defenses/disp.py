@@ -154,7 +154,7 @@ class DiSP(Defense):
 
 @register("defenses", "disp")
 class DiSPDefense(DiSP):
-    pass
+    """DiSP: saliency-masked self-relabelling of the training set, then a short recovery fine-tune."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ class NoneConfig:
 
 @register("defenses", "none")
 class NoDefense(Defense):
+    """No defense: only the Clean and Backdoored rows."""
+
     Config, kind = NoneConfig, "none"
 
     def purify(self, model, data, ctx):

@@ -178,7 +178,7 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "llada-v")
 class LLaDAVEntry:
-    """Registry entry: resolve a config, build a fresh model, train the shared base model."""
+    """LLaDA-V (ML-GSAI): vision tower -> mlp2x_gelu projector -> LLaDA; scale tiny (local replica)."""
 
     scales = ("tiny",)
     resolve = staticmethod(_resolve)
