@@ -1,40 +1,19 @@
 """Contracts for triggers and targets, the config resolution shared by every method, and poisoning."""
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
 
 from bench.errors import BenchError
+from bench.spec import coerce_params
 from tasks.base import Sample
 
 
 def resolve_config(config_cls: type, overrides: dict[str, Any], what: str) -> dict:
-    """Fill a method's Config dataclass from overrides (strings from the CLI are coerced to the
-    field's type); unknown keys or uncoercible values are a BenchError naming the valid keys."""
-    valid = {f.name: f for f in fields(config_cls)}
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise BenchError(f"unknown {what} arg(s) {unknown} (valid: {', '.join(valid) or 'none'})")
-    defaults = asdict(config_cls())
-    out = {}
-    for key, value in overrides.items():
-        kind = type(defaults[key])
-        try:
-            if kind is bool and isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                value = value.lower() in ("true", "1")
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            if kind is bool and not isinstance(value, bool):
-                raise ValueError(value)
-            out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise BenchError(f"{what} arg {key}={value!r} is not a {kind.__name__} "
-                             f"(valid: {', '.join(valid)})") from None
-    return asdict(config_cls(**out))
+    """Fill a method's Config dataclass from overrides (coerced by `bench.spec.coerce_params`)."""
+    return asdict(config_cls(**coerce_params(overrides, asdict(config_cls()), what)))
 
 
 class Trigger:

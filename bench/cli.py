@@ -25,20 +25,6 @@ def _pairs(values: tuple[str, ...], what: str) -> dict:
     return out
 
 
-def _typed(values: dict, defaults: dict, what: str) -> dict:
-    """Coerce CLI strings to the type of each default (for model/task args)."""
-    out = {}
-    for k, v in values.items():
-        if k not in defaults:
-            raise BenchError(f"unknown {what} arg {k!r} (valid: {', '.join(defaults)})")
-        kind = type(defaults[k])
-        try:
-            out[k] = kind(v)
-        except ValueError:
-            raise BenchError(f"{what} arg {k}={v!r} is not a {kind.__name__}") from None
-    return out
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """vl-backdoor-bench: backdoor attacks x defenses x vision-language models -> CP / ASR tables."""
@@ -76,14 +62,15 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
     from bench import registry, tables
     from bench.cache import ArtifactCache
     from bench.pipeline import make_spec, run_cell, task_defaults
+    from bench.spec import coerce_params
 
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
     recipe = {k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None}
     decoding = {k: v for k, v in dict(steps=steps, gen_length=gen_length, block_length=block_length,
                                       remasking=remasking).items() if v is not None}
     entry = registry.get("models", model)
-    m_args = _typed(_pairs(model_arg, "--model-arg"), entry.resolve(scale, {}), "model")
-    t_args = _typed(_pairs(task_arg, "--task-arg"), task_defaults(registry.get("tasks", task)), "task")
+    m_args = coerce_params(_pairs(model_arg, "--model-arg"), entry.resolve(scale, {}), "model")
+    t_args = coerce_params(_pairs(task_arg, "--task-arg"), task_defaults(registry.get("tasks", task)), "task")
     spec = make_spec(model=model, scale=scale, task=task, attack=attack, target=target, defense=defense, seed=seed,
                      poison_rate=poison_rate, trainable=trainable, recipe=recipe, decoding=decoding, model_args=m_args, task_args=t_args,
                      attack_args=_pairs(attack_arg, "--attack-arg"), target_args=_pairs(target_arg, "--target-arg"),

@@ -29,7 +29,7 @@ from bench.cache import ArtifactCache
 from bench.errors import BenchError
 from bench.evaluate import CP_PROTOCOL, evaluate
 from bench.registry import get
-from bench.spec import Decoding, Recipe, RunSpec, digest, freeze
+from bench.spec import Decoding, Recipe, RunSpec, coerce_params, digest, freeze
 from defenses.base import DefenseContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,10 +67,7 @@ def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = 
         raise BenchError(f"unknown scale {scale!r} for {model} (valid: {', '.join(entry.scales)})")
     task_cls = get("tasks", task)
     t_args = task_defaults(task_cls)
-    unknown = set(task_args or {}) - set(t_args)
-    if unknown:
-        raise BenchError(f"unknown task arg(s) {sorted(unknown)} (valid: {', '.join(t_args)})")
-    t_args.update(task_args or {})
+    t_args.update(coerce_params(task_args or {}, t_args, "task"))
     kw = dict(model=model, scale=scale, trainable=trainable or RunSpec.trainable, task=task, attack=attack, target=target, poison_rate=poison_rate,
               defense=defense, seed=seed,
               model_args=freeze(entry.resolve(scale, model_args or {})), task_args=freeze(t_args),
