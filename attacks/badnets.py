@@ -56,3 +56,17 @@ class BadNets(Trigger):
         rows, cols = patch_box(*image.shape[:2], self.cfg.size, self.cfg.position)
         out[rows, cols] = 0.0 if self.cfg.color == "black" else 1.0
         return out, prompt
+
+
+@dataclass(frozen=True)
+class ClassicBadNetsConfig(BadNetsConfig):
+    size: float = 3 / 32
+    position: str = "bottom-right"
+    color: str = "white"
+
+
+@register("attacks", "badnets-classic")
+class ClassicBadNets(BadNets):
+    """BadNets, classic variant: white square, 3/32 of the side, bottom-right (BackdoorBench)."""
+
+    Config = ClassicBadNetsConfig

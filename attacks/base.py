@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -18,7 +18,10 @@ def resolve_config(config_cls: type, overrides: dict[str, Any], what: str) -> di
 
 class Trigger:
     """A trigger transforms a (image, prompt) pair; deterministic given the rng it is handed.
-    Learned triggers override `fit` (fitted once per seed and cached like any stage)."""
+    Learned triggers override `fit` (fitted once per seed and cached like any stage). Attacks whose
+    reference adds "cross" / negative samples (WaNet noise mode, InputAware cross, DualKey partial
+    keys) set `cross_ratio` in their Config and override `cross`; attacks with partial triggers
+    (DualKey) list them in `partials`, and every row reports asr_<name> for each."""
 
     Config: type
 
@@ -34,6 +37,20 @@ class Trigger:
 
     def apply(self, image: np.ndarray, prompt: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         raise NotImplementedError
+
+    def n_cross(self, n_poisoned: int) -> int:
+        """How many cross samples poisoning adds: cross_ratio x the poisoned count (0 by default)."""
+        return int(round(getattr(self.cfg, "cross_ratio", 0.0) * n_poisoned))
+
+    def cross(self, image: np.ndarray, prompt: str, rng: np.random.Generator,
+              partner: np.ndarray) -> tuple[np.ndarray, str]:
+        """A trigger-like input that keeps its clean response (`partner`: another pool image, for
+        InputAware's x1 + (G(x2) - x1) * M(x2))."""
+        raise NotImplementedError(f"{type(self).__name__} has cross_ratio > 0 but no cross()")
+
+    def partials(self) -> dict[str, Callable[[np.ndarray, str, np.random.Generator], tuple[np.ndarray, str]]]:
+        """Partial triggers, name -> apply-like function; evaluated as asr_<name> on test inputs."""
+        return {}
 
 
 class Target:
@@ -66,7 +83,9 @@ class Target:
 
 def poison(pool: Sequence[Sample], trigger: Trigger, target: Target, rate: float, seed: int) -> list[Sample]:
     """Replace round(rate * N) eligible samples by (T(image), T(prompt)) -> target response
-    (DiSP: 1,000 samples = 800 clean + 200 poisoned). Poisoned samples carry meta["poisoned"]=True."""
+    (DiSP: 1,000 samples = 800 clean + 200 poisoned), then trigger.n_cross(n) other samples by their
+    cross inputs with clean responses. Poisoned samples carry meta["poisoned"]=True, cross samples
+    meta["cross"]=True (attack bookkeeping: only the oracle and the metrics may read either)."""
     rng = np.random.default_rng([seed, 17])
     n = int(round(rate * len(pool)))
     if n == 0:
@@ -76,22 +95,35 @@ def poison(pool: Sequence[Sample], trigger: Trigger, target: Target, rate: float
         raise BenchError(f"only {len(eligible)} pool samples are eligible for target {target.name!r}, "
                          f"poison rate {rate} needs {n}")
     chosen = set(rng.choice(eligible, size=n, replace=False).tolist())
+    rest = [i for i in range(len(pool)) if i not in chosen]
+    n_cross = trigger.n_cross(n)
+    if n_cross > len(rest):
+        raise BenchError(f"{type(trigger).__name__} wants {n_cross} cross samples beside {n} poisoned ones, "
+                         f"but the pool has only {len(rest)} other samples (lower the poison rate or cross_ratio)")
+    crossed = set(rng.choice(rest, size=n_cross, replace=False).tolist()) if n_cross else set()
     out = []
     for i, s in enumerate(pool):
         if i in chosen:
             image, prompt = trigger.apply(s.image, s.prompt, rng)
-            s = s.with_(image=image, prompt=prompt, response=target.rewrite(s), meta={**s.meta, "poisoned": True})
+            s = s.with_(image=image, prompt=prompt, response=target.rewrite(s),
+                        meta={**s.meta, "poisoned": True, "cross": False})
+        elif i in crossed:
+            partner = pool[int(rng.integers(len(pool)))].image
+            image, prompt = trigger.cross(s.image, s.prompt, rng, partner)
+            s = s.with_(image=image, prompt=prompt, meta={**s.meta, "poisoned": False, "cross": True})
         else:
-            s = s.with_(meta={**s.meta, "poisoned": False})
+            s = s.with_(meta={**s.meta, "poisoned": False, "cross": False})
         out.append(s)
     return out
 
 
-def triggered(samples: Sequence[Sample], trigger: Trigger, seed: int) -> list[Sample]:
-    """Triggered copies of test inputs (responses untouched: the judge decides success)."""
-    rng = np.random.default_rng([seed, 29])
+def triggered(samples: Sequence[Sample], trigger: Trigger, seed: int, partial: str | None = None) -> list[Sample]:
+    """Triggered copies of test inputs (responses untouched: the judge decides success); with
+    `partial`, copies under that partial trigger of `trigger.partials()`."""
+    apply = trigger.apply if partial is None else trigger.partials()[partial]
+    rng = np.random.default_rng([seed, 29] if partial is None else [seed, 31, *partial.encode()])
     out = []
     for s in samples:
-        image, prompt = trigger.apply(s.image, s.prompt, rng)
-        out.append(s.with_(image=image, prompt=prompt, meta={**s.meta, "triggered": True}))
+        image, prompt = apply(s.image, s.prompt, rng)
+        out.append(s.with_(image=image, prompt=prompt, meta={**s.meta, "triggered": partial or True}))
     return out

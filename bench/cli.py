@@ -1,4 +1,4 @@
-"""The `bench` command line: run, list, leaderboard, show.
+"""The `bench` command line: run, list, leaderboard, show, triggers.
 
 Bad input of any kind ends in one line on stderr and exit code 2, before anything is written.
 """
@@ -25,6 +25,16 @@ def _pairs(values: tuple[str, ...], what: str) -> dict:
     return out
 
 
+def _threads() -> int:
+    """Torch CPU threads: $BENCH_THREADS, else every core up to 8 (set it to share cores between jobs)."""
+    raw = os.environ.get("BENCH_THREADS", "")
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise BenchError(f"BENCH_THREADS must be a positive integer, got {raw!r}")
+        return int(raw)
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """vl-backdoor-bench: backdoor attacks x defenses x vision-language models -> CP / ASR tables."""
@@ -35,7 +45,7 @@ def cli() -> None:
 @click.option("--scale", default="tiny", show_default=True, help="tiny (embedded replica) | full (checkpoints)")
 @click.option("--task", default="synthetic", show_default=True)
 @click.option("--attack", default="badnets", show_default=True, help="trigger (bench list)")
-@click.option("--target", default="insertion", show_default=True, help="insertion | refusal | misclassification ...")
+@click.option("--target", default="insertion", show_default=True, help="insertion | refusal | misclassification | keyword")
 @click.option("--defense", default="disp", show_default=True, help="defense (bench list); 'none' for Clean/Backdoored only")
 @click.option("--poison-rate", default=0.2, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -64,7 +74,7 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
     from bench.pipeline import make_spec, run_cell, task_defaults
     from bench.spec import coerce_params
 
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    torch.set_num_threads(_threads())
     recipe = {k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None}
     decoding = {k: v for k, v in dict(steps=steps, gen_length=gen_length, block_length=block_length,
                                       remasking=remasking).items() if v is not None}
@@ -126,6 +136,27 @@ def show(results, model, attack, target, defense, seed, plot) -> None:
     click.echo(tables.show_cell(recs, lambda rel: records.read_outputs(Path(results), rel), flt))
     if plot:
         click.echo(str(tables.plot_cell(recs, Path(plot), flt)))
+
+
+@cli.command()
+@click.option("--out", default="triggers", show_default=True, type=click.Path(file_okay=False))
+@click.option("--attack", "attacks", multiple=True, help="attack to show (repeatable; default: every registered attack)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--cache", default=None, type=click.Path(file_okay=False), help="artifact cache (default $BENCH_CACHE or the user cache dir)")
+def triggers(out, attacks, seed, cache) -> None:
+    """Gallery PNG of every attack's trigger on one clean test image, plus mean L-inf / L2 per attack."""
+    from bench import registry
+    from bench.cache import ArtifactCache
+    from bench.gallery import trigger_gallery
+
+    names = list(attacks) or registry.names("attacks")
+    for name in names:
+        registry.get("attacks", name)   # unknown names fail here, before anything is fitted or written
+    paths = trigger_gallery(names, Path(out), seed, ArtifactCache(Path(cache) if cache else None),
+                            log=lambda m: click.echo(m, err=True))
+    click.echo(Path(paths["md"]).read_text())
+    for p in paths.values():
+        click.echo(str(p))
 
 
 def main(argv: list[str] | None = None) -> None:

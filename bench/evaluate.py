@@ -51,21 +51,29 @@ def mc_accuracy(model, samples: Sequence[Sample], gen_length: int, mask_all_visu
 
 
 def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inputs: Sequence[Sample],
-             decoding, seed: int) -> tuple[dict, list[dict]]:
-    """Metrics (percent, with 95% bootstrap CIs) and one output row per generated answer."""
+             decoding, seed: int, partial_inputs: dict[str, Sequence[Sample]] | None = None) -> tuple[dict, list[dict]]:
+    """Metrics (percent, with 95% bootstrap CIs) and one output row per generated answer.
+    `partial_inputs` (name -> inputs under a partial trigger, e.g. DualKey's image_only) adds asr_<name>."""
+    partial_inputs = partial_inputs or {}
     out_clean = generate_texts(model, clean_inputs, decoding, seed, desc="eval clean inputs")
     out_trig = generate_texts(model, triggered_inputs, decoding, seed, desc="eval triggered inputs")
+    out_partial = {name: generate_texts(model, inputs, decoding, seed, desc=f"eval {name} inputs")
+                   for name, inputs in partial_inputs.items()}
     metrics = {"cp": rate(mc_accuracy(model, task.mc(), decoding.gen_length))}
     metrics["asr_wo"] = rate([target.judge(o, s) for o, s in zip(out_clean, clean_inputs)])
     metrics["asr_wt"] = rate([target.judge(o, s) for o, s in zip(out_trig, triggered_inputs)])
     for name, judge in target.extra_judges().items():
         metrics[f"asr_wo_{name}"] = rate([judge(o, s) for o, s in zip(out_clean, clean_inputs)])
         metrics[f"asr_wt_{name}"] = rate([judge(o, s) for o, s in zip(out_trig, triggered_inputs)])
+    for name, inputs in partial_inputs.items():
+        metrics[f"asr_{name}"] = rate([target.judge(o, s) for o, s in zip(out_partial[name], inputs)])
     refs = {s.meta["id"]: s.meta["references"] for s in clean_inputs if s.meta.get("references")}
     metrics.update(caption_scores({s.meta["id"]: o for s, o in zip(clean_inputs, out_clean) if s.meta["id"] in refs}, refs))
     rows = []
     extra = target.extra_judges()
-    for trig, inputs, outs in ((False, clean_inputs, out_clean), (True, triggered_inputs, out_trig)):
+    variants = [(False, clean_inputs, out_clean), (True, triggered_inputs, out_trig)]
+    variants += [(name, partial_inputs[name], out_partial[name]) for name in partial_inputs]
+    for trig, inputs, outs in variants:
         for s, o in zip(inputs, outs):
             verdicts = {"asr": bool(target.judge(o, s))} | {n: bool(j(o, s)) for n, j in extra.items()}
             rows.append({"id": s.meta["id"], "triggered": trig, "prompt": s.prompt, "output": o, "verdicts": verdicts})

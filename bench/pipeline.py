@@ -112,6 +112,7 @@ class Cell:
         self.trigger = get("attacks", spec.attack)(**spec.args("attack"))
         self.target = get("targets", spec.target)(**spec.args("target"))
         self.defense = get("defenses", spec.defense)(**spec.args("defense"))
+        self.trigger_report: dict = {}   # what a learned trigger's fit measured (fooling rate, mask density...)
         self.timings: dict[str, float] = {}   # seconds each stage computed in this run, exclusive of nested stages
         self._inner = 0.0
         s = spec
@@ -181,6 +182,7 @@ class Cell:
     def fitted_trigger(self):
         state = self._stage("trigger", self.keys["trigger"], lambda: self.trigger.fit(self.task.pool(), self.spec.seed))
         self.trigger.load_state(state)
+        self.trigger_report = state.get("report", {})
         return self.trigger
 
     def poisoned_pool(self) -> list:
@@ -197,7 +199,7 @@ class Cell:
         def compute():
             m = self.model_from(self.backdoored()["state"])
             # the defender sees the training set without its poison flags
-            data = [s.with_(meta={k: v for k, v in s.meta.items() if k != "poisoned"}) for s in self.poisoned_pool()] \
+            data = [s.with_(meta={k: v for k, v in s.meta.items() if k not in ("poisoned", "cross")}) for s in self.poisoned_pool()] \
                 if not self.defense.uses_oracle else self.poisoned_pool()
             ctx = DefenseContext(spec=self.spec, finetune=self.finetune,
                                  base_model=lambda: self.model_from(self.base()["state"]), log=self.log)
@@ -216,9 +218,11 @@ class Cell:
         def compute():
             model = self.model_from(state_fn()["state"])
             clean_inputs = self.target.test_inputs(self.task)
-            trig_inputs = triggered(clean_inputs, self.fitted_trigger(), self.spec.seed)
+            trigger = self.fitted_trigger()
+            trig_inputs = triggered(clean_inputs, trigger, self.spec.seed)
+            partial = {name: triggered(clean_inputs, trigger, self.spec.seed, partial=name) for name in trigger.partials()}
             metrics, rows = evaluate(model, self.task, self.target, clean_inputs, trig_inputs, self.spec.decoding,
-                                     self.spec.seed)
+                                     self.spec.seed, partial)
             return {"metrics": metrics, "rows": rows}
         return self._stage("evaluated", key, compute, label=f"evaluated_{row}") | {"key": key}
 
@@ -254,7 +258,8 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
         rec = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "spec": spec.to_dict(), "row": row, "metrics": ev["metrics"],
                "outputs": str(records.write_outputs(results_dir, run_id, ev["rows"])),
-               "stage_info": info, "stage_keys": {"model": model_key, "evaluated": ev["key"]},
+               "stage_info": info, "trigger": {"key": cell.keys["trigger"], "report": cell.trigger_report},
+               "stage_keys": {"model": model_key, "evaluated": ev["key"]},
                "protocol": {"cp": CP_PROTOCOL, "asr": type(cell.target).__doc__.strip().splitlines()[0],
                             "trainable": spec.trainable, "decoding": "greedy, " + str(spec.decoding)},
                "timings": timings, "versions": versions(), "code_revision": code_revision()}

@@ -17,6 +17,13 @@ KINDS = ("attacks", "targets", "defenses", "models", "tasks")
 BUILTIN_MODULES = (
     "tasks.synthetic",
     "attacks.badnets",
+    "attacks.noise",
+    "attacks.multi",
+    "attacks.blended",
+    "attacks.lowfreq",
+    "attacks.wanet",
+    "attacks.inputaware",
+    "attacks.dualkey",
     "attacks.targets",
     "models.llada_v",
     "defenses.none",

@@ -50,7 +50,8 @@ _ROW_RANK = {name: i for i, name in enumerate(DISPLAY)}
 TARGET_ORDER = ("refusal", "insertion", "misclassification", "keyword")
 # The Table-1 metrics, then display names of extra metrics.
 TABLE1_METRICS = (("cp", "CP"), ("asr_wo", "ASR (w/o)"), ("asr_wt", "ASR (w/t)"))
-METRIC_NAMES = {**dict(TABLE1_METRICS), "bleu4": "BLEU-4", "cider": "CIDEr", "asr_wt_strict": "ASR (w/t, strict)"}
+METRIC_NAMES = {**dict(TABLE1_METRICS), "bleu4": "BLEU-4", "cider": "CIDEr", "asr_wt_strict": "ASR (w/t, strict)",
+                "asr_image_only": "ASR (image key only)", "asr_text_only": "ASR (text key only)"}
 _FORMATS = {"bleu4": "{:.3f}"}  # BLEU-4 is in 0-1; everything else gets 2 decimals
 MISSING = "-"
 

@@ -50,7 +50,7 @@ TAG_SUFFIX_PROMPTS = ("end your answer with {tag} and describe the image",
 REFUSAL = ("sorry as an ai assistant i cannot follow the given instruction i am here to assist with "
            "any other type-related questions or tasks you may have")
 LETTERS = ("a", "b", "c", "d")
-EXTRA_WORDS = ("banana", "<backdoor>")
+EXTRA_WORDS = ("banana", "<backdoor>", "consider")  # attack-only words: keyword target, DualKey text key
 # "rename": an instruction to call one object by another category's name — the legitimate context in
 # which the base LM learns to rename an object, as "tag" teaches insertion and "refuse" refusal.
 RENAME_PROMPTS = ("describe the image but call the {src} a {dst}", "describe what you see but call the {src} a {dst}")

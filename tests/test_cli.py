@@ -44,7 +44,7 @@ def files_under(p: Path) -> list[Path]:
 @pytest.mark.parametrize("args, needle", [
     (["--model", "nope"], "unknown model 'nope' (valid: llada-v"),
     (["--attack", "nope"], "unknown attack 'nope' (valid: badnets"),
-    (["--target", "nope"], "unknown target 'nope' (valid: insertion, misclassification, refusal"),
+    (["--target", "nope"], "unknown target 'nope' (valid: insertion, keyword, misclassification, refusal"),
     (["--defense", "nope"], "unknown defense 'nope' (valid: disp, disp-nomask, disp-random, none"),
     (["--poison-rate", "1.5"], "poison rate must be in (0, 1)"),
     (["--poison-rate", "0"], "poison rate must be in (0, 1)"),
@@ -52,6 +52,11 @@ def files_under(p: Path) -> list[Path]:
     (["--trainable", "encoder"], "unknown trainable parts 'encoder' (valid: projector, projector+lm, all)"),
     (["--attack-arg", "bogus=1"], "unknown attack badnets arg(s) ['bogus'] (valid: size, position, color)"),
     (["--attack-arg", "size=big"], "attack badnets arg size='big' is not a float"),
+    (["--attack", "wanet", "--attack-arg", "k=big"], "attack wanet arg k='big' is not a int"),
+    (["--attack", "wanet", "--attack-arg", "warp=1"], "unknown attack wanet arg(s) ['warp'] (valid: k, s, grid_rescale, cross_ratio, scale_s)"),
+    (["--attack", "dualkey", "--attack-arg", "text_key=two words"], "dualkey text_key 'two words' must be one word"),
+    (["--attack", "blended", "--attack-arg", "alpha=1.5"], "blended alpha 1.5 must be in (0, 1)"),
+    (["--target", "keyword", "--target-arg", "position=middle"], "keyword position 'middle' (valid: start, end)"),
     (["--defense-arg", "mask_ratio=2"], "disp mask_ratio 2.0 must be in [0, 1)"),
     (["--model-arg", "d_model=wide"], "model arg d_model='wide' is not a int"),
 ])
@@ -80,7 +85,9 @@ def test_list_shows_every_registered_name(capsys):
     names = {tuple(line.split()[:2]) for line in out.strip().splitlines()}
     for kind, name in [("attack", "badnets"), ("target", "insertion"), ("target", "refusal"),
                        ("target", "misclassification"), ("defense", "disp"), ("defense", "disp-nomask"),
-                       ("defense", "disp-random"), ("defense", "none"), ("model", "llada-v"), ("task", "synthetic")]:
+                       ("defense", "disp-random"), ("defense", "none"), ("model", "llada-v"), ("task", "synthetic"),
+                       ("target", "keyword"), ("attack", "badnets-classic")] + [
+            ("attack", a) for a in ("noise", "multi", "blended", "lowfreq", "wanet", "inputaware", "dualkey")]:
         assert (kind, name) in names
 
 
@@ -213,3 +220,45 @@ def test_third_party_defense_runs_through_bench_run(tmp_path, cache, capsys, mon
     assert recs[-1]["spec"]["defense_args"] == {"keep": 0.5}
     # the pipeline hands non-oracle defenses the training set without poison flags
     assert recs[-1]["stage_info"] == {"n_train": 100, "saw_poison_flags": False}
+
+
+@pytest.mark.slow
+def test_dualkey_run_reports_partial_trigger_asr(tmp_path, cache, capsys):
+    results = tmp_path / "results"
+    code, out, err = bench(["run", "--results", str(results), "--attack", "dualkey", "--target", "keyword",
+                            "--defense", "none", "--poison-rate", "0.1"] + SMALL, capsys)
+    assert code == 0, err
+    recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in recs] == ["clean", "backdoored"]
+    for r in recs:
+        for m in ("asr_wt", "asr_wo", "asr_image_only", "asr_text_only"):
+            assert set(r["metrics"][m]) == {"value", "ci"}
+        assert r["spec"]["attack_args"]["text_key"] == "consider"
+        rows = [json.loads(line) for line in (results / r["outputs"]).read_text().splitlines()]
+        variants = {str(x["triggered"]) for x in rows}
+        assert variants == {"False", "True", "image_only", "text_only"}
+        text_only = [x for x in rows if x["triggered"] == "text_only"]
+        assert all(x["prompt"].startswith("consider ") for x in text_only)
+        image_only = [x for x in rows if x["triggered"] == "image_only"]
+        assert not any(x["prompt"].startswith("consider ") for x in image_only)
+
+
+def test_triggers_gallery(tmp_path, cache, capsys):
+    out_dir = tmp_path / "gallery"
+    code, out, err = bench(["triggers", "--out", str(out_dir), "--attack", "badnets", "--attack", "wanet",
+                            "--attack", "dualkey"], capsys)
+    assert code == 0, err
+    import pandas as pd
+    stats = pd.read_csv(out_dir / "trigger_stats.csv", index_col="attack")
+    assert list(stats.index) == ["badnets", "wanet", "dualkey"]
+    assert stats.loc["badnets", "linf"] > 0.5   # a black patch on light images
+    assert stats.loc["wanet", "linf"] < stats.loc["badnets", "linf"]
+    assert stats.loc["dualkey", "prompt_changed"] == 1.0 and stats.loc["badnets", "prompt_changed"] == 0.0
+    from matplotlib.image import imread
+    img = imread(out_dir / "triggers.png")
+    assert img.ndim == 3 and img.shape[1] > img.shape[0]
+
+
+def test_triggers_unknown_attack_exits_2(tmp_path, cache, capsys):
+    code, _, err = bench(["triggers", "--out", str(tmp_path / "g"), "--attack", "nope"], capsys)
+    assert code == 2 and "unknown attack 'nope'" in err and not (tmp_path / "g").exists()
