@@ -88,7 +88,7 @@ def test_leaderboard_is_deterministic(tmp_path: Path) -> None:
     first = {p.name: p.read_bytes() for p in a}
     b = tables.render_leaderboard(recs, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in b} == first
-    assert sorted(first) == ["README.md", "llada-v-tiny-badnets.csv", "llada-v-tiny-badnets.md",
+    assert sorted(first) == ["README.md", "attacks-backdoored.csv", "llada-v-tiny-badnets.csv", "llada-v-tiny-badnets.md",
                              "llada-v-tiny-blended.csv", "llada-v-tiny-blended.md"]
     md = first["llada-v-tiny-badnets.md"].decode()
     assert "poison_rate=0.2" in md and "poison_rate=0.4" in md and "98.50 [97.50, 99.50]" in md
@@ -115,3 +115,22 @@ def test_show_cell_and_plot(tmp_path: Path) -> None:
         tables.show_cell(grid(), loader, {"defense": "disp"})
     png = tables.plot_cell(grid(), tmp_path / "cell.png", {"target": "insertion", "defense": "disp"})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attack_overview_one_line_per_attack_and_target() -> None:
+    dk = rec("backdoored", 62.5, 0, 32.5, attack="dualkey", defense="none")
+    dk["metrics"].update(asr_image_only=m(0.0), asr_text_only=m(30.5))
+    recs = grid() + [rec("backdoored", 65, 0, 3.5, attack="blended", defense="none"), dk,
+                     rec("backdoored", 64, 0, 90.0, attack="wanet", defense="none", attack_args={"s": 0.5}),
+                     rec("backdoored", 64, 0, 95.0, attack="wanet", defense="none", attack_args={"s": 1.0}),
+                     rec("clean", 66, 0, 0, attack="wanet")]
+    df = tables.attack_overview(recs)
+    # badnets appears once per target although two defenses' runs repeat its Backdoored row
+    assert list(zip(df["attack"], df["target"])) == [    # targets in Table 1 order, then attacks
+        ("badnets", "refusal"), ("badnets", "insertion"), ("blended", "insertion"), ("dualkey", "insertion"),
+        ("wanet (s=0.5)", "insertion"), ("wanet (s=1.0)", "insertion")]
+    row = df[df["attack"] == "dualkey"].iloc[0]
+    assert (row["ASR (w/t)"], row["ASR (text key only)"], row["ASR (image key only)"]) == ("32.50", "30.50", "0.00")
+    assert df[df["attack"] == "blended"].iloc[0]["ASR (text key only)"] == tables.MISSING
+    assert "poison_rate" not in df.columns           # nothing in the setting varies
+    assert tables.attack_overview([rec("clean", 1, 0, 0)]).empty
