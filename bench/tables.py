@@ -425,18 +425,24 @@ def show_cell(records: Sequence[Mapping], outputs_loader: Callable[[str], list[d
     parts = [title, "", tabulate(mtable, headers=["row"] + [n for _, n in metrics], tablefmt="simple",
                                  disable_numparse=True)]
 
-    outputs: list[dict[tuple[str, bool], Mapping]] = []
+    def variant(o: Mapping) -> bool | str:
+        """True / False for triggered / clean inputs, the partial trigger's name (DualKey) otherwise."""
+        v = o.get("triggered", False)
+        return v if isinstance(v, str) else bool(v)
+
+    outputs: list[dict[tuple[str, bool | str], Mapping]] = []
     for _, rec in rows:
         loaded = outputs_loader(rec["outputs"]) if rec.get("outputs") else []
-        outputs.append({(str(o.get("id")), bool(o.get("triggered", False))): o for o in loaded})
+        outputs.append({(str(o.get("id")), variant(o)): o for o in loaded})
     if not any(outputs):
         parts += ["", "(no per-sample outputs recorded)"]
         return "\n".join(parts) + "\n"
     non_empty = [set(o) for o in outputs if o]
     common = set.intersection(*non_empty)
     pool = common or set.union(*non_empty)
-    for triggered, name in ((True, "triggered inputs"), (False, "clean inputs")):
-        ids = sorted(i for i, t in pool if t is triggered)[:n_samples]
+    partial = sorted({t for _, t in pool if isinstance(t, str)})
+    for triggered, name in [(True, "triggered inputs"), (False, "clean inputs")] + [(p, f"{p} inputs") for p in partial]:
+        ids = sorted(i for i, t in pool if t is triggered or (isinstance(t, str) and t == triggered))[:n_samples]
         if not ids:
             continue
         table = []

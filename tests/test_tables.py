@@ -117,6 +117,20 @@ def test_show_cell_and_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_show_cell_keeps_partial_trigger_outputs_apart() -> None:
+    def loader(rel: str) -> list[dict]:
+        row = rel.split("-", 1)[1].removesuffix(".jsonl")
+        return [{"id": f"s{i}", "triggered": t, "prompt": f"p-{t}", "output": f"out-{t}-{row}", "verdicts": {}}
+                for i in range(2) for t in (True, False, "image_only", "text_only")]
+
+    text = tables.show_cell(grid(), loader, {"target": "insertion", "defense": "disp"}, n_samples=2)
+    for name, t in (("triggered inputs", "True"), ("clean inputs", "False"), ("image_only inputs", "image_only"),
+                    ("text_only inputs", "text_only")):
+        section = text.split(f"Sample outputs on {name}:")[1].split("Sample outputs on")[0]
+        assert f"out-{t}-backdoored" in section
+        assert all(f"out-{other}-" not in section for other in ("True", "False", "image_only", "text_only") if other != t)
+
+
 def test_attack_overview_one_line_per_attack_and_target() -> None:
     dk = rec("backdoored", 62.5, 0, 32.5, attack="dualkey", defense="none")
     dk["metrics"].update(asr_image_only=m(0.0), asr_text_only=m(30.5))
