@@ -284,16 +284,20 @@ OVERVIEW_METRICS = (("cp", "CP"), ("asr_wo", "ASR (w/o)"), ("asr_wt", "ASR (w/t)
 def attack_overview(records: Sequence[Mapping], row: str = "backdoored") -> pd.DataFrame:
     """One line per (model, scale, attack, target, setting): the newest `row` record's CP / ASR,
     so every attack's implant can be compared in one table (partial-trigger ASR where measured)."""
+    def setting(r: Mapping) -> dict:   # attack args are shown in the attack's label instead
+        return {k: v for k, v in _setting(r).items() if k.split(".")[0] not in ("attack", "attack_args")}
+
     latest: dict[tuple, Mapping] = {}
     for r in records:
         if _row_name(r) != row:
             continue
         s = _spec(r)
         key = (str(s.get("model")), str(s.get("scale")), str(s.get("attack")), str(s.get("target")),
-               _canon(s.get("attack_args") or {}), _canon(s.get("target_args") or {}), _canon(_setting(r)))
+               _canon(s.get("attack_args") or {}), _canon(s.get("target_args") or {}), _canon(setting(r)))
         latest.pop(key, None)
         latest[key] = r
-    varying = _varying(list(latest.values()))
+    settings = [setting(r) for r in latest.values()]
+    varying = [k for k in sorted(set().union(*settings)) if len({_canon(x.get(k)) for x in settings}) > 1]
     attack_variants: dict[str, set] = defaultdict(set)
     target_variants: dict[str, set] = defaultdict(set)
     for key in latest:
@@ -304,7 +308,7 @@ def attack_overview(records: Sequence[Mapping], row: str = "backdoored") -> pd.D
         line = {"model": key[0], "scale": key[1],
                 "attack": _variant_label(key[2], key[4], sorted(attack_variants[key[2]])),
                 "target": _variant_label(key[3], key[5], sorted(target_variants[key[3]]))}
-        line.update({k: str(_setting(r).get(k)) for k in varying if k not in line})
+        line.update({k: str(setting(r).get(k)) for k in varying if k not in line})
         line.update({name: _fmt(m, (r.get("metrics") or {}).get(m)) for m, name in OVERVIEW_METRICS})
         lines.append(line)
     df = pd.DataFrame(lines)

@@ -146,5 +146,8 @@ def test_attack_overview_one_line_per_attack_and_target() -> None:
     row = df[df["attack"] == "dualkey"].iloc[0]
     assert (row["ASR (w/t)"], row["ASR (text key only)"], row["ASR (image key only)"]) == ("32.50", "30.50", "0.00")
     assert df[df["attack"] == "blended"].iloc[0]["ASR (text key only)"] == tables.MISSING
-    assert "poison_rate" not in df.columns           # nothing in the setting varies
+    assert list(df.columns[:4]) == ["model", "scale", "attack", "target"]
+    assert not any(c.startswith("attack_args") or c == "poison_rate" for c in df.columns)  # nothing else varies
+    more = tables.attack_overview(recs + [rec("backdoored", 60, 0, 50.0, attack="blended", defense="none", poison_rate=0.4)])
+    assert sorted(set(more["poison_rate"])) == ["0.2", "0.4"]
     assert tables.attack_overview([rec("clean", 1, 0, 0)]).empty
