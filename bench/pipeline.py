@@ -112,6 +112,7 @@ class Cell:
         self.trigger = get("attacks", spec.attack)(**spec.args("attack"))
         self.target = get("targets", spec.target)(**spec.args("target"))
         self.defense = get("defenses", spec.defense)(**spec.args("defense"))
+        self._check_vocabulary()
         self.trigger_report: dict = {}   # what a learned trigger's fit measured (fooling rate, mask density...)
         self.timings: dict[str, float] = {}   # seconds each stage computed in this run, exclusive of nested stages
         self._inner = 0.0
@@ -130,6 +131,20 @@ class Cell:
         self.keys["defended"] = digest({"stage": "defended", "backdoored": self.keys["backdoored"], "defense": s.defense,
                                         "defense_args": s.defense_args, "decoding": s.decoding,
                                         "code": source_hash("defenses/base.py", type(self.defense))})
+
+    def _check_vocabulary(self) -> None:
+        """Words an attack adds (target response, text keys) must be in the task's vocabulary: a one-line
+        error now rather than a tokenizer failure after the base model has trained."""
+        sample = next((x for x in self.target.test_inputs(self.task) if self.target.eligible(x)), None)
+        texts = {f"target {self.spec.target}": self.target.rewrite(sample)} if sample is not None else {}
+        for name, part in self.trigger.partials().items():
+            if sample is not None and name.startswith("text"):
+                texts[f"attack {self.spec.attack}"] = part(sample.image, sample.prompt, np.random.default_rng(0))[1]
+        for what, text in texts.items():
+            try:
+                self.tok.encode(text)
+            except ValueError as e:
+                raise BenchError(f"{what}: {e}") from None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _stage(self, name: str, key: str, compute: Callable[[], Any], label: str | None = None) -> Any:

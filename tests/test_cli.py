@@ -57,6 +57,10 @@ def files_under(p: Path) -> list[Path]:
     (["--attack", "dualkey", "--attack-arg", "text_key=two words"], "dualkey text_key 'two words' must be one word"),
     (["--attack", "blended", "--attack-arg", "alpha=1.5"], "blended alpha 1.5 must be in (0, 1)"),
     (["--target", "keyword", "--target-arg", "position=middle"], "keyword position 'middle' (valid: start, end)"),
+    (["--target", "keyword", "--target-arg", "word=pineapple"],
+     "target keyword: word 'pineapple' is not in the synthetic-task vocabulary"),
+    (["--attack", "dualkey", "--attack-arg", "text_key=please"],
+     "attack dualkey: word 'please' is not in the synthetic-task vocabulary"),
     (["--defense-arg", "mask_ratio=2"], "disp mask_ratio 2.0 must be in [0, 1)"),
     (["--model-arg", "d_model=wide"], "model arg d_model='wide' is not a int"),
 ])
