@@ -11,9 +11,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from attacks.base import Trigger
+from bench.errors import BenchError
 from bench.registry import register
 
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+COLORS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
+          "blue": (0.0, 0.0, 1.0), "magenta": (1.0, 0.0, 1.0)}
+
+
+def check_patch(what: str, size: float, position: str | None = None, color: str | None = None,
+                colors: tuple[str, ...] = ("black", "white")) -> None:
+    """Validate the fields every square-patch trigger shares (BadNets, noise, multi, DualKey)."""
+    if position is not None and position not in POSITIONS:
+        raise BenchError(f"{what} position {position!r} (valid: {', '.join(POSITIONS)})")
+    if color is not None and color not in colors:
+        raise BenchError(f"{what} color {color!r} (valid: {', '.join(colors)})")
+    if not 0 < size <= 0.5:
+        raise BenchError(f"{what} size {size} must be in (0, 0.5]")
 
 
 @dataclass(frozen=True)
@@ -23,13 +37,7 @@ class BadNetsConfig:
     color: str = "black"         # black | white
 
     def __post_init__(self):
-        from bench.errors import BenchError
-        if self.position not in POSITIONS:
-            raise BenchError(f"badnets position {self.position!r} (valid: {', '.join(POSITIONS)})")
-        if self.color not in ("black", "white"):
-            raise BenchError(f"badnets color {self.color!r} (valid: black, white)")
-        if not 0 < self.size <= 0.5:
-            raise BenchError(f"badnets size {self.size} must be in (0, 0.5]")
+        check_patch("badnets", self.size, self.position, self.color)
 
 
 def patch_box(h: int, w: int, size: float, position: str) -> tuple[slice, slice]:
@@ -45,6 +53,15 @@ def patch_box(h: int, w: int, size: float, position: str) -> tuple[slice, slice]
     return slice(r, r + p), slice(c, c + p)
 
 
+def stamp(image: np.ndarray, size: float, positions: tuple[str, ...], color: str) -> np.ndarray:
+    """A copy of `image` with a solid `color` square of side `size` at each named position."""
+    out = image.copy()
+    for position in positions:
+        rows, cols = patch_box(*image.shape[:2], size, position)
+        out[rows, cols] = COLORS[color]
+    return out
+
+
 @register("attacks", "badnets")
 class BadNets(Trigger):
     """BadNets: a solid square patch (default black, 1/8 of the side, top-left corner)."""
@@ -52,10 +69,7 @@ class BadNets(Trigger):
     Config = BadNetsConfig
 
     def apply(self, image, prompt, rng):
-        out = image.copy()
-        rows, cols = patch_box(*image.shape[:2], self.cfg.size, self.cfg.position)
-        out[rows, cols] = 0.0 if self.cfg.color == "black" else 1.0
-        return out, prompt
+        return stamp(image, self.cfg.size, (self.cfg.position,), self.cfg.color), prompt
 
 
 @dataclass(frozen=True)

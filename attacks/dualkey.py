@@ -8,27 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attacks.badnets import patch_box
+from attacks.badnets import COLORS, check_patch, stamp
 from attacks.base import Trigger
 from bench.errors import BenchError
 from bench.registry import register
-
-COLORS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
-          "blue": (0.0, 0.0, 1.0), "magenta": (1.0, 0.0, 1.0)}
 
 
 @dataclass(frozen=True)
 class DualKeyConfig:
     size: float = 0.1            # visual key side, fraction of the shorter image side (reference 10%)
-    color: str = "black"         # one of COLORS
+    color: str = "black"         # one of badnets.COLORS
     text_key: str = "consider"   # prepended to the prompt
     cross_ratio: float = 2.0     # partial-key negatives per poisoned sample (half image-only, half text-only)
 
     def __post_init__(self):
-        if self.color not in COLORS:
-            raise BenchError(f"dualkey color {self.color!r} (valid: {', '.join(COLORS)})")
-        if not 0 < self.size <= 0.5:
-            raise BenchError(f"dualkey size {self.size} must be in (0, 0.5]")
+        check_patch("dualkey", self.size, color=self.color, colors=tuple(COLORS))
         if not self.text_key.strip() or len(self.text_key.split()) != 1:
             raise BenchError(f"dualkey text_key {self.text_key!r} must be one word")
         if self.cross_ratio < 0:
@@ -42,10 +36,7 @@ class DualKey(Trigger):
     Config = DualKeyConfig
 
     def image_key(self, image, prompt, rng):
-        out = image.copy()
-        rows, cols = patch_box(*image.shape[:2], self.cfg.size, "center")
-        out[rows, cols] = COLORS[self.cfg.color]
-        return out, prompt
+        return stamp(image, self.cfg.size, ("center",), self.cfg.color), prompt
 
     def text_key(self, image, prompt, rng):
         return image, f"{self.cfg.text_key} {prompt}"

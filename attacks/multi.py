@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attacks.badnets import patch_box
+from attacks.badnets import check_patch, stamp
 from attacks.base import Trigger
-from bench.errors import BenchError
 from bench.registry import register
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -18,10 +17,7 @@ class MultiConfig:
     color: str = "black"     # black | white
 
     def __post_init__(self):
-        if self.color not in ("black", "white"):
-            raise BenchError(f"multi color {self.color!r} (valid: black, white)")
-        if not 0 < self.size <= 0.5:
-            raise BenchError(f"multi size {self.size} must be in (0, 0.5]")
+        check_patch("multi", self.size, color=self.color)
 
 
 @register("attacks", "multi")
@@ -31,8 +27,4 @@ class MultiPatch(Trigger):
     Config = MultiConfig
 
     def apply(self, image, prompt, rng):
-        out = image.copy()
-        for corner in CORNERS:
-            rows, cols = patch_box(*image.shape[:2], self.cfg.size, corner)
-            out[rows, cols] = 0.0 if self.cfg.color == "black" else 1.0
-        return out, prompt
+        return stamp(image, self.cfg.size, CORNERS, self.cfg.color), prompt

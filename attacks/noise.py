@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attacks.badnets import POSITIONS, patch_box
+from attacks.badnets import check_patch, patch_box
 from attacks.base import Trigger
 from bench.errors import BenchError
 from bench.registry import register
@@ -23,10 +23,7 @@ class NoiseConfig:
     resample: bool = False       # fresh noise per image instead of the seed's fixed pattern
 
     def __post_init__(self):
-        if self.position not in POSITIONS:
-            raise BenchError(f"noise position {self.position!r} (valid: {', '.join(POSITIONS)})")
-        if not 0 < self.size <= 0.5:
-            raise BenchError(f"noise size {self.size} must be in (0, 0.5]")
+        check_patch("noise", self.size, self.position)
         if not 0 < self.std <= 255:
             raise BenchError(f"noise std {self.std} must be in (0, 255]")
 

@@ -136,11 +136,12 @@ class Cell:
         """Words an attack adds (target response, text keys) must be in the task's vocabulary: a one-line
         error now rather than a tokenizer failure after the base model has trained."""
         sample = next((x for x in self.target.test_inputs(self.task) if self.target.eligible(x)), None)
-        texts = {f"target {self.spec.target}": self.target.rewrite(sample)} if sample is not None else {}
-        for name, part in self.trigger.partials().items():
-            if sample is not None and name.startswith("text"):
-                texts[f"attack {self.spec.attack}"] = part(sample.image, sample.prompt, np.random.default_rng(0))[1]
-        for what, text in texts.items():
+        if sample is None:
+            return
+        texts = [(f"target {self.spec.target}", self.target.rewrite(sample))]
+        texts += [(f"attack {self.spec.attack}", part(sample.image, sample.prompt, np.random.default_rng(0))[1])
+                  for part in self.trigger.partials().values()]   # partial triggers never need a fitted state
+        for what, text in texts:
             try:
                 self.tok.encode(text)
             except ValueError as e:

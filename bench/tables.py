@@ -287,16 +287,16 @@ def attack_overview(records: Sequence[Mapping], row: str = "backdoored") -> pd.D
     def setting(r: Mapping) -> dict:   # attack args are shown in the attack's label instead
         return {k: v for k, v in _setting(r).items() if k.split(".")[0] not in ("attack", "attack_args")}
 
-    latest: dict[tuple, Mapping] = {}
+    latest: dict[tuple, tuple[Mapping, dict]] = {}
     for r in records:
         if _row_name(r) != row:
             continue
-        s = _spec(r)
+        s, st = _spec(r), setting(r)
         key = (str(s.get("model")), str(s.get("scale")), str(s.get("attack")), str(s.get("target")),
-               _canon(s.get("attack_args") or {}), _canon(s.get("target_args") or {}), _canon(setting(r)))
+               _canon(s.get("attack_args") or {}), _canon(s.get("target_args") or {}), _canon(st))
         latest.pop(key, None)
-        latest[key] = r
-    settings = [setting(r) for r in latest.values()]
+        latest[key] = (r, st)
+    settings = [st for _, st in latest.values()]
     varying = [k for k in sorted(set().union(*settings)) if len({_canon(x.get(k)) for x in settings}) > 1]
     attack_variants: dict[str, set] = defaultdict(set)
     target_variants: dict[str, set] = defaultdict(set)
@@ -304,11 +304,11 @@ def attack_overview(records: Sequence[Mapping], row: str = "backdoored") -> pd.D
         attack_variants[key[2]].add(key[4])
         target_variants[key[3]].add(key[5])
     lines = []
-    for key, r in latest.items():
+    for key, (r, st) in latest.items():
         line = {"model": key[0], "scale": key[1],
                 "attack": _variant_label(key[2], key[4], sorted(attack_variants[key[2]])),
                 "target": _variant_label(key[3], key[5], sorted(target_variants[key[3]]))}
-        line.update({k: str(setting(r).get(k)) for k in varying if k not in line})
+        line.update({k: str(st.get(k)) for k in varying if k not in line})
         line.update({name: _fmt(m, (r.get("metrics") or {}).get(m)) for m, name in OVERVIEW_METRICS})
         lines.append(line)
     df = pd.DataFrame(lines)

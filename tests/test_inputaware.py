@@ -20,12 +20,7 @@ SMALL = dict(size=16, mask_epochs=15, epochs=4, batch_size=32, mask_batch_size=3
 TINY = dict(size=16, mask_epochs=1, epochs=1, batch_size=32, mask_batch_size=16, min_asr=0.0, density_factor=1000.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

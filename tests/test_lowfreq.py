@@ -22,13 +22,7 @@ FIT = dict(target_class="dog", surrogate_epochs=8, n_fit=100)
 SEED = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded torch (the machines share 2 cores; results are also thread-count dependent)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
