@@ -97,8 +97,11 @@ def code_revision() -> str:
 
 
 def versions() -> dict:
+    """Software and the torch thread count: CPU float reductions depend on it, so a run with another
+    BENCH_THREADS can differ in the last sample or two (measured: DiSP CP 57.0 at 1 thread, 56.0 at 2)."""
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "vl-backdoor-bench": bench.__version__, "platform": platform.platform()}
+            "vl-backdoor-bench": bench.__version__, "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
 
 
 class Cell:

@@ -120,6 +120,7 @@ def test_run_records_resume_determinism_leaderboard_show(tmp_path, cache, capsys
         rows = [json.loads(x) for x in (results / r["outputs"]).read_text().splitlines()]
         assert len(rows) == 32 and {"id", "output", "triggered", "verdicts"} <= set(rows[0])
         assert r["timings"] and r["versions"]["torch"] and r["code_revision"]
+        assert r["versions"]["torch_threads"] >= 1
     assert recs[0]["timings"]["base"] > 0 and recs[2]["timings"]["defended"] > 0 and recs[2]["timings"]["evaluated_disp"] > 0
     first = {r["row"]: r["metrics"] for r in recs}
 
