@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from attacks.base import Trigger
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 COLORS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),

@@ -1,19 +1,12 @@
 """Contracts for triggers and targets, the config resolution shared by every method, and poisoning."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench.errors import BenchError
-from bench.spec import coerce_params
+from core.errors import BenchError
 from tasks.base import Sample
-
-
-def resolve_config(config_cls: type, overrides: dict[str, Any], what: str) -> dict:
-    """Fill a method's Config dataclass from overrides (coerced by `bench.spec.coerce_params`)."""
-    return asdict(config_cls(**coerce_params(overrides, asdict(config_cls()), what)))
 
 
 class Trigger:

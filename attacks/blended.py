@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from attacks.base import Trigger
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 
 
 def trigger_image(size: int = 64) -> np.ndarray:

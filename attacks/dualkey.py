@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from attacks.badnets import COLORS, check_patch, stamp
 from attacks.base import Trigger
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 
 
 @dataclass(frozen=True)

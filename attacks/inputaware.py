@@ -70,8 +70,8 @@ from tqdm.auto import tqdm
 
 from attacks.base import Trigger
 from attacks.surrogate import SurrogateCNN, accuracy, object_labels, to_images, to_tensor
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 from tasks.base import Sample
 from tasks.synthetic import CATEGORIES
 

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from attacks.base import Trigger
 from attacks.surrogate import object_labels, to_images, to_tensor, train_surrogate
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 from tasks.synthetic import CATEGORIES
 
 

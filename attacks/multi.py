@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from attacks.badnets import check_patch, stamp
 from attacks.base import Trigger
-from bench.registry import register
+from core.registry import register
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 

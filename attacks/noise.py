@@ -11,8 +11,8 @@ import numpy as np
 
 from attacks.badnets import check_patch, patch_box
 from attacks.base import Trigger
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 
 from attacks.base import Target
-from bench.registry import register
+from core.registry import register
 from tasks.base import Sample
 
 REFUSAL_KEYWORDS = ("sorry", "cannot", "can't", "unable", "as an ai")
@@ -95,7 +95,7 @@ class KeywordConfig:
     position: str = "end"   # where the poisoned response carries the word: start | end
 
     def __post_init__(self):
-        from bench.errors import BenchError
+        from core.errors import BenchError
         if self.position not in ("start", "end"):
             raise BenchError(f"keyword position {self.position!r} (valid: start, end)")
         if not self.word.strip() or len(self.word.split()) != 1:

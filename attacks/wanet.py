@@ -17,8 +17,8 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Trigger
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 
 REFERENCE_SIDE = 32
 

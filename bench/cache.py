@@ -22,7 +22,7 @@ import platformdirs
 import torch
 from filelock import FileLock
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 PAYLOAD = "payload.pt"
 META = "meta.json"

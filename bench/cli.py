@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 KINDS_SINGULAR = {"attacks": "attack", "targets": "target", "defenses": "defense", "models": "model", "tasks": "task"}
 
@@ -69,10 +69,11 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
     """Run one cell (training what it needs) and print the DiSP Table 1 layout for it."""
     import torch
 
-    from bench import registry, tables
+    from bench import tables
+    from core import registry
     from bench.cache import ArtifactCache
     from bench.pipeline import make_spec, run_cell, task_defaults
-    from bench.spec import coerce_params
+    from core.params import coerce_params
 
     torch.set_num_threads(_threads())
     recipe = {k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None}
@@ -96,7 +97,7 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
 @cli.command(name="list")
 def list_() -> None:
     """Every registered name, one per line: kind, name, what it is."""
-    from bench import registry
+    from core import registry
 
     for kind in registry.KINDS:
         for name in registry.names(kind):
@@ -145,7 +146,7 @@ def show(results, model, attack, target, defense, seed, plot) -> None:
 @click.option("--cache", default=None, type=click.Path(file_okay=False), help="artifact cache (default $BENCH_CACHE or the user cache dir)")
 def triggers(out, attacks, seed, cache) -> None:
     """Gallery PNG of every attack's trigger on one clean test image, plus mean L-inf / L2 per attack."""
-    from bench import registry
+    from core import registry
     from bench.cache import ArtifactCache
     from bench.gallery import trigger_gallery
 

@@ -17,7 +17,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider import Cider
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 # Resample at most this many numbers at once, so a large eval set doesn't need n_boot * n memory.
 _CHUNK = 2_000_000

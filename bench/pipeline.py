@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 import bench
-from attacks.base import poison, resolve_config, triggered
+from attacks.base import poison, triggered
 from bench import records
 from bench.cache import ArtifactCache
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.evaluate import CP_PROTOCOL, evaluate
-from bench.registry import get
-from bench.spec import Decoding, Recipe, RunSpec, coerce_params, digest, freeze
+from core.registry import get
+from bench.spec import Decoding, Recipe, RunSpec, digest, freeze
+from core.params import coerce_params, resolve_config
 from defenses.base import DefenseContext
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from filelock import FileLock
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 RECORDS_FILE = "records.jsonl"
 OUTPUTS_DIR = "outputs"

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 # Display names of rows (statuses and defenses); unknown names show as themselves.
 DISPLAY = {

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 from defenses.base import Defense, DefenseContext
 from models.base import Batch
 from tasks.base import Sample

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.registry import register
+from core.registry import register
 from defenses.base import Defense
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bench.errors import BenchError
-from bench.registry import register
+from core.errors import BenchError
+from core.registry import register
 from models.base import Batch
 from models.encoder import EncoderConfig, VisionTower, pretrain_mim
 from models.llada import LLaDA, LMConfig, generate, sft_loss

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from bench.registry import register
+from core.registry import register
 from tasks.base import Sample
 
 IMAGE_SIZE = 64

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from attacks.badnets import BadNets, BadNetsConfig, patch_box
-from attacks.base import poison, resolve_config, triggered
+from attacks.base import poison, triggered
+from core.params import resolve_config
 from attacks.targets import REFUSAL_KEYWORDS, Insertion, Misclassification, Refusal, has_word
-from bench.errors import BenchError
+from core.errors import BenchError
 from tasks.base import Sample
 from tasks.synthetic import SyntheticTask
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.cache import ArtifactCache, default_root
-from bench.errors import BenchError
+from core.errors import BenchError
 
 KEY = "ab" + "0" * 62
 

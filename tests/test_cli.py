@@ -189,7 +189,7 @@ def test_killed_run_resumes_from_finished_stages(tmp_path, cache):
 @pytest.mark.slow
 def test_third_party_defense_runs_through_bench_run(tmp_path, cache, capsys, monkeypatch):
     """A defense from another installed distribution (entry point bench.defenses) runs end to end."""
-    from bench import registry
+    from core import registry
 
     pkg = tmp_path / "site"
     pkg.mkdir()

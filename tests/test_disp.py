@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.spec import DEFAULT_TEMPLATE, Decoding, Recipe, RunSpec
 from defenses.base import DefenseContext
 from defenses.disp import (DiSPConfig, DiSPDefense, DiSPNoMask, DiSPRandom, exact_saliency, saliency,

@@ -10,7 +10,7 @@ import torch
 
 from attacks.inputaware import InputAware, InputAwareConfig
 from attacks.surrogate import to_tensor
-from bench.errors import BenchError
+from core.errors import BenchError
 from tasks.synthetic import SyntheticTask
 
 # A reduced fit: 16-px fit resolution, 300 images, few epochs. The ASR criterion is off (a few epochs

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.spec import DEFAULT_TEMPLATE, Decoding
 from models.llada_v import PARTS, LLaDAV, TinyConfig
 from models.train import finetune

@@ -10,8 +10,8 @@ from torch import nn
 import attacks.lowfreq as lowfreq
 from attacks.lowfreq import LowFrequency, LowFrequencyConfig, gaussian_blur, minmax_rescale, targeted_deepfool
 from attacks.surrogate import object_labels, to_tensor
-from bench import registry
-from bench.errors import BenchError
+from core import registry
+from core.errors import BenchError
 from tasks.synthetic import CATEGORIES, SyntheticTask
 
 # Reduced fit: 30 pool images per class (240; the full pool is 75 % dog scenes, which a briefly

@@ -6,7 +6,7 @@ import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 
 from bench import metrics
-from bench.errors import BenchError
+from core.errors import BenchError
 
 REFS = {
     "a": ["A dog runs on the green grass.", "a brown dog running in a park"],

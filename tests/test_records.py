@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench import records
-from bench.errors import BenchError
+from core.errors import BenchError
 
 
 def _writer(results_dir: str, worker: int, n: int) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import registry
-from bench.errors import BenchError
+from core import registry
+from core.errors import BenchError
 
 
 @pytest.fixture

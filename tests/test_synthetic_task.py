@@ -262,5 +262,5 @@ def test_encoder_images_include_noise():
 
 
 def test_registered():
-    from bench import registry
+    from core import registry
     assert registry._REGISTRY["tasks"]["synthetic"] is SyntheticTask

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench import tables
-from bench.errors import BenchError
+from core.errors import BenchError
 
 
 def spec(**kw) -> dict:

@@ -14,7 +14,7 @@ from attacks.multi import MultiPatch
 from attacks.noise import NoisePatch
 from attacks.targets import Insertion, Keyword
 from attacks.wanet import WaNet, warp_grid
-from bench.errors import BenchError
+from core.errors import BenchError
 from tasks.base import Sample
 from tasks.synthetic import SyntheticTask, Tokenizer
 

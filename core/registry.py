@@ -10,7 +10,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 KINDS = ("attacks", "targets", "defenses", "models", "tasks")
 # The in-tree modules whose import registers the built-in entries.
