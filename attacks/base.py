@@ -59,6 +59,9 @@ class Target:
         """Which training samples the attacker may poison."""
         return True
 
+    def check(self, task) -> None:
+        """Validate the configuration against the task (e.g. category names); BenchError if it does not fit."""
+
     def test_inputs(self, task) -> list[Sample]:
         """Clean test inputs on which ASR w/o is measured (their triggered copies give ASR w/t)."""
         return task.test()

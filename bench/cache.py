@@ -150,13 +150,15 @@ class ArtifactCache:
             raise BenchError(f"corrupt cache entry {entry}: cannot load payload ({type(e).__name__}: {e}); "
                              "delete it to recompute") from None
 
-    def get_or_compute(self, stage: str, key: str, compute: Callable[[], T], meta: dict) -> T:
-        """Load the entry if present, else compute and store it once (locked against other processes)."""
+    def get_or_compute(self, stage: str, key: str, compute: Callable[[], T],
+                       meta: dict | Callable[[T], dict]) -> T:
+        """Load the entry if present, else compute and store it once (locked against other processes).
+        ``meta`` may be a function of the computed object (e.g. to store what the stage measured)."""
         if self.has(stage, key):
             return self.load(stage, key)
         with self.lock(stage, key):
             if self.has(stage, key):  # another process finished it while we waited
                 return self.load(stage, key)
             obj = compute()
-            self.save(stage, key, obj, meta)
+            self.save(stage, key, obj, meta(obj) if callable(meta) else meta)
             return obj

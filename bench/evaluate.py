@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 from bench.metrics import caption_scores, rate
 from tasks.base import Sample
 
-CP_PROTOCOL = ("multiple choice on held-out questions; answer = argmax over the option-letter tokens at the "
-               "first answer position with the whole answer masked (lmms-eval loglikelihood-style)")
+CP_PROTOCOL = ("multiple choice on held-out questions, four options given as words in the prompt; answer = the "
+               "option word whose token has the highest logit at the first answer position with the whole answer "
+               "masked (lmms-eval loglikelihood-style); cp_blind = the same with every visual token masked")
 
 
 @torch.no_grad()
@@ -28,8 +29,8 @@ def generate_texts(model, samples: Sequence[Sample], decoding, seed: int, batch_
 @torch.no_grad()
 def mc_predictions(model, samples: Sequence[Sample], gen_length: int, mask_all_visual: bool = False,
                    batch_size: int = 200) -> list[str]:
-    """Predicted option letter per question; mask_all_visual holds every visual token at e_MASK
-    (the check that CP depends on the image)."""
+    """Predicted option word per question; mask_all_visual holds every visual token at e_MASK
+    (cp_blind: the check that CP depends on the image)."""
     preds: list[str] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
@@ -39,9 +40,9 @@ def mc_predictions(model, samples: Sequence[Sample], gen_length: int, mask_all_v
         answer = torch.full((len(chunk), gen_length), model.mask_id, dtype=torch.long)
         first = model.answer_logits(pe, batch.key_mask, answer)[:, 0]
         for s, row in zip(chunk, first):
-            letters = s.meta["options"]
-            ids = torch.tensor([model.tok.token(x) for x in letters])
-            preds.append(letters[int(row[ids].argmax())])
+            options = s.meta["options"]
+            ids = torch.tensor([model.tok.token(x) for x in options])
+            preds.append(options[int(row[ids].argmax())])
     return preds
 
 
@@ -51,15 +52,19 @@ def mc_accuracy(model, samples: Sequence[Sample], gen_length: int, mask_all_visu
 
 
 def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inputs: Sequence[Sample],
-             decoding, seed: int, partial_inputs: dict[str, Sequence[Sample]] | None = None) -> tuple[dict, list[dict]]:
-    """Metrics (percent, with 95% bootstrap CIs) and one output row per generated answer.
+             decoding, seed: int, partial_inputs: dict[str, Sequence[Sample]] | None = None) -> tuple[dict, list[dict], dict]:
+    """Metrics (percent, with 95% bootstrap CIs), one output row per generated answer, and the per-item
+    multiple-choice verdicts ``{"ids", "correct"}`` (for paired ΔCP intervals between rows).
     `partial_inputs` (name -> inputs under a partial trigger, e.g. DualKey's image_only) adds asr_<name>."""
     partial_inputs = partial_inputs or {}
     out_clean = generate_texts(model, clean_inputs, decoding, seed, desc="eval clean inputs")
     out_trig = generate_texts(model, triggered_inputs, decoding, seed, desc="eval triggered inputs")
     out_partial = {name: generate_texts(model, inputs, decoding, seed, desc=f"eval {name} inputs")
                    for name, inputs in partial_inputs.items()}
-    metrics = {"cp": rate(mc_accuracy(model, task.mc(), decoding.gen_length))}
+    mc_items = task.mc()
+    mc_correct = mc_accuracy(model, mc_items, decoding.gen_length)
+    metrics = {"cp": rate(mc_correct),
+               "cp_blind": rate(mc_accuracy(model, mc_items, decoding.gen_length, mask_all_visual=True))}
     metrics["asr_wo"] = rate([target.judge(o, s) for o, s in zip(out_clean, clean_inputs)])
     metrics["asr_wt"] = rate([target.judge(o, s) for o, s in zip(out_trig, triggered_inputs)])
     for name, judge in target.extra_judges().items():
@@ -77,4 +82,4 @@ def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inpu
         for s, o in zip(inputs, outs):
             verdicts = {"asr": bool(target.judge(o, s))} | {n: bool(j(o, s)) for n, j in extra.items()}
             rows.append({"id": s.meta["id"], "triggered": trig, "prompt": s.prompt, "output": o, "verdicts": verdicts})
-    return metrics, rows
+    return metrics, rows, {"ids": [s.meta["id"] for s in mc_items], "correct": [bool(c) for c in mc_correct]}

@@ -52,6 +52,20 @@ def _metric(value: float | None, ci: tuple[float, float] | None) -> dict:
     return {"value": None if value is None else float(value), "ci": None if ci is None else [float(ci[0]), float(ci[1])]}
 
 
+def paired_delta(after: Sequence[bool], before: Sequence[bool], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Difference of two accuracies on the same items (after - before, in percentage points) with a
+    paired bootstrap CI: each resample draws item indices once and scores both models on them."""
+    a = np.asarray(list(after), dtype=np.float64)
+    b = np.asarray(list(before), dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_delta needs two equal-length 1-d sequences, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        return _metric(None, None)
+    d = 100.0 * (a - b)
+    lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    return _metric(d.mean(), (lo, hi))
+
+
 def rate(flags: Sequence[bool], n_boot: int = 1000, seed: int = 0) -> dict:
     """Percentage of True flags (0-100) with a bootstrap CI; value/ci None for no samples."""
     x = np.asarray(list(flags), dtype=np.float64)

@@ -1,18 +1,18 @@
-"""The staged pipeline of one cell: base -> clean -> backdoored -> defended -> evaluated.
+"""The staged pipeline of one cell: base -> clean -> trigger -> backdoored -> defended -> evaluated.
 
 Every stage's artifact is content-addressed by the digest of everything that determines it (spec
-fields, the stage before it, and the source of the code it runs), so a grid trains each base and
-backdoored model once and shares it across defenses, and a killed run resumes at the last finished
-stage. Records are appended only after a row is fully evaluated.
+fields, the stages it descends from, the transitive in-repo source of the code it runs, the torch and
+numpy versions; ``stage_keys``), so a grid trains each base and backdoored model once and shares it
+across defenses, and a killed run resumes at the last finished stage. Each artifact is stored with
+the provenance of the process that produced it (``bench.provenance``); each record carries the chain
+of stage keys it descends from with that provenance. A run first checks everything it can without
+training (names, arguments, the target against the task, how many samples poisoning needs), then
+computes the missing stages in dependency order with a progress line per stage, and appends all its
+rows in one locked write.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 import inspect
-import platform
-import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -20,35 +20,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-import bench
 from attacks.base import poison, triggered
 from bench import records
 from bench.cache import ArtifactCache
-from core.errors import BenchError
 from bench.evaluate import CP_PROTOCOL, evaluate
-from core.registry import get
+from bench.metrics import paired_delta
+from bench.provenance import code_hash, provenance
 from bench.spec import Decoding, Recipe, RunSpec, digest, freeze
+from core.errors import BenchError
 from core.params import coerce_params, resolve_config
-from defenses.base import DefenseContext
+from core.registry import get
+from defenses.base import DefenderSpec, DefenseContext, defender_seed, defender_view
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def source_hash(*objs: Any) -> str:
-    """sha256 over the source files of modules/classes/dirs: a stage's code version."""
-    h = hashlib.sha256()
-    paths: list[Path] = []
-    for o in objs:
-        if isinstance(o, (str, Path)):
-            p = ROOT / o
-            paths += sorted(p.glob("*.py")) if p.is_dir() else [p]
-        else:
-            paths.append(Path(inspect.getsourcefile(o)))
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+ROW_STAGE = {"clean": "clean", "backdoored": "backdoored"}   # row -> the stage its model comes from (else defended)
+# Which stages each row's numbers descend from (the record's lineage), in run order.
+LINEAGE = {"clean": ("base", "clean", "trigger"), "backdoored": ("base", "trigger", "backdoored"),
+           "defended": ("base", "trigger", "backdoored", "defended")}
+STAGE_LABEL = {"base": "base model (encoder MIM + LM)", "clean": "clean fine-tune", "trigger": "trigger fit",
+               "backdoored": "backdoor fine-tune", "defended": "defense"}
+# Rough seconds per stage at the default tiny config on 2 cores (README "Performance"); the ETA scales
+# them by how fast this machine has been so far in the run.
+EXPECTED_S = {"base": 254.0, "clean": 58.0, "trigger": 5.0, "backdoored": 59.0, "defended": 51.0, "evaluated": 11.0}
 
 
 def task_defaults(task_cls) -> dict:
@@ -85,24 +78,38 @@ def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = 
     return RunSpec(**kw)
 
 
-def code_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5)
-        if rev.returncode == 0:
-            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"unknown (package {bench.__version__})"
 
 
-def versions() -> dict:
-    """Software and the torch thread count: CPU float reductions depend on it, so a run with another
-    BENCH_THREADS can differ in the last sample or two (measured: DiSP CP 57.0 at 1 thread, 56.0 at 2)."""
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "vl-backdoor-bench": bench.__version__, "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads()}
+def stage_keys(spec: RunSpec, root: Path | None = None) -> dict[str, str]:
+    """The cache key of every stage of a cell (evaluated keys: ``eval_key``). Each hashes the spec
+    fields that decide the stage, the keys of the stages it descends from, and ``code_hash`` of the
+    code it runs (transitive in-repo imports + torch/numpy versions). The trigger descends from the
+    task only: the attacker's fit never sees the victim, so victim args do not refit it."""
+    s = spec
+    entry, task_cls = get("models", s.model), get("tasks", s.task)
+    trig_cls, tgt_cls, def_cls = get("attacks", s.attack), get("targets", s.target), get("defenses", s.defense)
+    k = {"task": digest({"stage": "task", "task": s.task, "task_args": s.task_args, "seed": s.seed,
+                         "code": code_hash(task_cls, root=root)})}
+    k["base"] = digest({"stage": "base", "model": s.model, "scale": s.scale, "model_args": s.model_args,
+                        "task": k["task"], "template": s.prompt_template, "gen_length": s.decoding.gen_length,
+                        "code": code_hash(entry, root=root)})
+    k["clean"] = digest({"stage": "clean", "base": k["base"], "recipe": s.recipe, "trainable": s.trainable,
+                         "code": code_hash("models/train.py", root=root)})
+    k["trigger"] = digest({"stage": "trigger", "attack": s.attack, "args": s.attack_args, "seed": s.seed,
+                           "task": k["task"], "code": code_hash(trig_cls, root=root)})
+    k["backdoored"] = digest({"stage": "backdoored", "clean_recipe": k["clean"], "trigger": k["trigger"],
+                              "target": s.target, "target_args": s.target_args, "poison_rate": s.poison_rate,
+                              "code": code_hash(tgt_cls, "attacks/base.py", root=root)})
+    k["defended"] = digest({"stage": "defended", "backdoored": k["backdoored"], "defense": s.defense,
+                            "defense_args": s.defense_args, "decoding": s.decoding,
+                            "code": code_hash(def_cls, root=root)})
+    k["eval_code"] = code_hash("bench/evaluate.py", tgt_cls, root=root)
+    return k
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class Cell:
@@ -116,56 +123,85 @@ class Cell:
         self.trigger = get("attacks", spec.attack)(**spec.args("attack"))
         self.target = get("targets", spec.target)(**spec.args("target"))
         self.defense = get("defenses", spec.defense)(**spec.args("defense"))
-        self._check_vocabulary()
+        self.preflight()
+        self.keys = stage_keys(spec)
         self.trigger_report: dict = {}   # what a learned trigger's fit measured (fooling rate, mask density...)
-        self.timings: dict[str, float] = {}   # seconds each stage computed in this run, exclusive of nested stages
-        self._inner = 0.0
-        s = spec
-        self.keys = {"base": digest({"stage": "base", "model": s.model, "scale": s.scale, "task": s.task,
-                                     "seed": s.seed, "model_args": s.model_args, "task_args": s.task_args,
-                                     "template": s.prompt_template, "gen_length": s.decoding.gen_length,
-                                     "code": source_hash("models", "tasks", self.entry, type(self.task))})}
-        self.keys["clean"] = digest({"stage": "clean", "base": self.keys["base"], "recipe": s.recipe, "trainable": s.trainable,
-                                     "code": source_hash("models/train.py")})
-        self.keys["trigger"] = digest({"stage": "trigger", "attack": s.attack, "args": s.attack_args, "seed": s.seed,
-                                       "task": self.keys["base"], "code": source_hash("attacks/base.py", type(self.trigger))})
-        self.keys["backdoored"] = digest({"stage": "backdoored", "clean_recipe": self.keys["clean"],
-                                          "trigger": self.keys["trigger"], "target": s.target, "target_args": s.target_args,
-                                          "poison_rate": s.poison_rate, "code": source_hash(type(self.target))})
-        self.keys["defended"] = digest({"stage": "defended", "backdoored": self.keys["backdoored"], "defense": s.defense,
-                                        "defense_args": s.defense_args, "decoding": s.decoding,
-                                        "code": source_hash("defenses/base.py", type(self.defense))})
+        self.timings: dict[str, float] = {}   # seconds each stage computed in this run (0 if cached)
+        self._memo: dict[tuple[str, str], Any] = {}
+        self._plan: list[str] = []
+        self._t0 = time.perf_counter()
+        self._spent_expected = 0.0
 
-    def _check_vocabulary(self) -> None:
-        """Words an attack adds (target response, text keys) must be in the task's vocabulary: a one-line
-        error now rather than a tokenizer failure after the base model has trained."""
+    # ---- checks before any work ------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Everything that can fail without training fails here, as one line: the target against the
+        task, the words an attack adds against the vocabulary, and the sample counts poisoning needs."""
+        self.target.check(self.task)
         sample = next((x for x in self.target.test_inputs(self.task) if self.target.eligible(x)), None)
-        if sample is None:
-            return
-        texts = [(f"target {self.spec.target}", self.target.rewrite(sample))]
-        texts += [(f"attack {self.spec.attack}", part(sample.image, sample.prompt, np.random.default_rng(0))[1])
+        texts = [(f"target {self.spec.target}", self.target.rewrite(sample))] if sample is not None else []
+        probe = sample or self.task.pool()[0]
+        texts += [(f"attack {self.spec.attack}", part(probe.image, probe.prompt, np.random.default_rng(0))[1])
                   for part in self.trigger.partials().values()]   # partial triggers never need a fitted state
         for what, text in texts:
             try:
                 self.tok.encode(text)
             except ValueError as e:
                 raise BenchError(f"{what}: {e}") from None
+        pool = self.task.pool()
+        n = int(round(self.spec.poison_rate * len(pool)))
+        if n == 0:
+            raise BenchError(f"poison rate {self.spec.poison_rate:g} poisons no sample of the {len(pool)}-sample pool "
+                             f"(at least {0.5 / len(pool):.2g} needed)")
+        eligible = sum(self.target.eligible(x) for x in pool)
+        if eligible < n:
+            raise BenchError(f"only {eligible} pool samples are eligible for target {self.spec.target!r}; "
+                             f"poison rate {self.spec.poison_rate:g} needs {n}")
+        n_cross = self.trigger.n_cross(n)
+        if n_cross > len(pool) - n:
+            raise BenchError(f"attack {self.spec.attack} adds {n_cross} cross samples beside {n} poisoned ones, but the "
+                             f"{len(pool)}-sample pool has only {len(pool) - n} others (lower the poison rate or cross_ratio)")
 
     # ---- helpers -------------------------------------------------------------------------------
     def _stage(self, name: str, key: str, compute: Callable[[], Any], label: str | None = None) -> Any:
-        """Load or compute one stage; timings[label] = seconds spent computing it in this run (0 if cached)."""
+        """Load or compute one stage (memoized for the run); timings[label] = seconds computing it."""
         label = label or name
-        t0, inner0 = time.perf_counter(), self._inner
+        if (name, key) in self._memo:
+            return self._memo[(name, key)]
         hit = self.cache.has(name, key)
+        t0 = time.perf_counter()
         if not hit:
-            self.log(f"[{label}] computing (cache key {key[:12]})")
-        art = self.cache.get_or_compute(name, key, compute, {"stage": name, "spec": self.spec.to_dict()})
+            self._announce(label, key)
+        meta = lambda obj: {"stage": name, "spec": self.spec.to_dict(), "provenance": provenance(),
+                            "info": obj.get("info", obj.get("report")) if isinstance(obj, dict) else None}
+        art = self.cache.get_or_compute(name, key, compute, meta)
         elapsed = time.perf_counter() - t0
-        own = elapsed - (self._inner - inner0)      # exclusive of stages computed inside this one
-        self._inner = inner0 + elapsed
-        if not hit or label not in self.timings:  # a later cache hit must not erase the compute time
-            self.timings[label] = 0.0 if hit else round(own, 2)
+        self.timings.setdefault(label, 0.0)
+        if not hit:
+            self.timings[label] = round(elapsed, 2)
+            self._spent_expected += self._expected(label)
+            self.log(f"[{self._step(label)}] done in {_fmt_s(elapsed)}")
+        self._memo[(name, key)] = art
         return art
+
+    def _expected(self, label: str) -> float:
+        return EXPECTED_S.get(label.split("_")[0], 10.0)
+
+    def _step(self, label: str) -> str:
+        name = STAGE_LABEL.get(label, label.replace("evaluated_", "evaluate ").replace("_", " "))
+        if label in self._plan:
+            return f"stage {self._plan.index(label) + 1}/{len(self._plan)} {name}"
+        return name
+
+    def _announce(self, label: str, key: str) -> None:
+        """One line per stage: which of the plan's stages, its key, and the overall ETA (an estimate:
+        rough per-stage costs scaled by this run's measured speed)."""
+        remaining = [x for x in self._plan if x not in self.timings or x == label]
+        eta = ""
+        if remaining:
+            spent = time.perf_counter() - self._t0
+            speed = spent / self._spent_expected if self._spent_expected else 1.0
+            eta = f" · ETA ~{_fmt_s(speed * sum(self._expected(x) for x in remaining))} for the run"
+        self.log(f"[{self._step(label)}] computing (cache key {key[:12]}){eta}")
 
     def fresh_model(self):
         return self.entry.build(self.spec.args("model"), self.tok, self.spec.prompt_template, self.spec.seed)
@@ -181,8 +217,9 @@ class Cell:
         """The victim recipe (optionally with other epochs / parts), as every row trains."""
         from models.train import finetune
         r = self.spec.recipe
-        return finetune(model, samples, trainable=trainable or self.spec.trainable, lr=r.lr, epochs=epochs or r.epochs,
-                        batch_size=r.batch_size, seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc)
+        return finetune(model, samples, trainable=trainable or self.spec.trainable, lr=r.lr,
+                        epochs=r.epochs if epochs is None else epochs, batch_size=r.batch_size,
+                        seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc)
 
     # ---- stages --------------------------------------------------------------------------------
     def base(self) -> dict:
@@ -215,22 +252,30 @@ class Cell:
             return {"state": m.state_dict(), "info": {"final_loss": losses[-1]}}
         return self._stage("backdoored", self.keys["backdoored"], compute)
 
+    def defender_spec(self) -> DefenderSpec:
+        s = self.spec
+        return DefenderSpec(model=s.model, scale=s.scale, trainable=s.trainable, recipe=s.recipe, decoding=s.decoding,
+                            prompt_template=s.prompt_template, model_args=s.model_args, defense=s.defense,
+                            defense_args=s.defense_args, seed=defender_seed(s.seed))
+
     def defended(self) -> dict:
         def compute():
             m = self.model_from(self.backdoored()["state"])
-            # the defender sees the training set without its poison flags
-            data = [s.with_(meta={k: v for k, v in s.meta.items() if k not in ("poisoned", "cross")}) for s in self.poisoned_pool()] \
-                if not self.defense.uses_oracle else self.poisoned_pool()
-            ctx = DefenseContext(spec=self.spec, finetune=self.finetune,
-                                 base_model=lambda: self.model_from(self.base()["state"]), log=self.log)
+            if self.defense.uses_oracle:          # the oracle: the poisoned set with its flags, as poisoned
+                data, clean = self.poisoned_pool(), []
+            else:                                 # a defender: image, prompt, response, opaque id; secret order
+                data = defender_view(self.poisoned_pool(), self.keys["defended"])
+                n = int(self.defense.clean_slice)
+                clean = defender_view(self.task.defender_clean(n), self.keys["defended"] + ":clean") if n else []
+            ctx = DefenseContext(spec=self.defender_spec(), finetune=self.finetune,
+                                 base_model=lambda: self.model_from(self.base()["state"]), log=self.log, clean=clean)
             m = self.defense.purify(m, data, ctx)
             return {"state": m.state_dict(), "info": self.defense.report}
         return self._stage("defended", self.keys["defended"], compute)
 
     def eval_key(self, model_key: str) -> str:
         return digest({"stage": "evaluated", "model": model_key, "trigger": self.keys["trigger"], "target": self.spec.target,
-                       "target_args": self.spec.target_args, "decoding": self.spec.decoding,
-                       "code": source_hash("bench/evaluate.py", "bench/metrics.py", type(self.target))})
+                       "target_args": self.spec.target_args, "decoding": self.spec.decoding, "code": self.keys["eval_code"]})
 
     def evaluated(self, row: str, model_key: str, state_fn: Callable[[], dict]) -> dict:
         key = self.eval_key(model_key)
@@ -241,17 +286,10 @@ class Cell:
             trigger = self.fitted_trigger()
             trig_inputs = triggered(clean_inputs, trigger, self.spec.seed)
             partial = {name: triggered(clean_inputs, trigger, self.spec.seed, partial=name) for name in trigger.partials()}
-            metrics, rows = evaluate(model, self.task, self.target, clean_inputs, trig_inputs, self.spec.decoding,
-                                     self.spec.seed, partial)
-            return {"metrics": metrics, "rows": rows}
+            metrics, rows, mc = evaluate(model, self.task, self.target, clean_inputs, trig_inputs, self.spec.decoding,
+                                         self.spec.seed, partial)
+            return {"metrics": metrics, "rows": rows, "mc": mc}
         return self._stage("evaluated", key, compute, label=f"evaluated_{row}") | {"key": key}
-
-    def verify_cached(self) -> None:
-        """Check every cached entry this cell will read, so a corrupt one stops the run before it writes."""
-        entries = list(self.keys.items()) + [("evaluated", self.eval_key(k)) for _, k, _ in self.rows()]
-        for stage, key in entries:
-            if self.cache.has(stage, key):
-                self.cache.load(stage, key)
 
     def rows(self) -> list[tuple[str, str, Callable[[], dict]]]:
         """(row name, model stage key, artifact getter) in table order."""
@@ -260,29 +298,96 @@ class Cell:
             out.append((self.spec.defense, self.keys["defended"], self.defended))
         return out
 
+    def row_stage(self, row: str) -> str:
+        return ROW_STAGE.get(row, "defended")
+
+    def plan(self) -> list[str]:
+        """The stages this run must compute, in the order they run (dependencies first); cached ones and
+        those only a cached stage needed are left out."""
+        deps = {"base": [], "clean": ["base"], "trigger": [], "backdoored": ["base", "trigger"],
+                "defended": ["backdoored", "trigger"]}
+        order: list[str] = []
+
+        def need(stage: str) -> None:
+            if stage in order or self.cache.has(stage, self.keys[stage]):
+                return
+            for d in deps[stage]:
+                need(d)
+            order.append(stage)
+        for row, model_key, _ in self.rows():
+            if not self.cache.has("evaluated", self.eval_key(model_key)):
+                need(self.row_stage(row))
+                need("trigger")
+                order.append(f"evaluated_{row}")
+        return order
+
+    def run_stages(self) -> None:
+        """Compute the plan's stages in order (each logs one line when it starts and when it ends)."""
+        self._plan = self.plan()
+        if self._plan:
+            self.log(f"plan: {len(self._plan)} stage(s) to compute: {', '.join(self._plan)}")
+        getters = {"base": self.base, "clean": self.clean, "trigger": self.fitted_trigger,
+                   "backdoored": self.backdoored, "defended": self.defended}
+        rows = {f"evaluated_{r}": (r, k, fn) for r, k, fn in self.rows()}
+        for stage in self._plan:
+            if stage in getters:
+                getters[stage]()
+            else:
+                self.evaluated(*rows[stage])
+
+    def verify_cached(self) -> None:
+        """Check every cached entry this cell will read, so a corrupt one stops the run before it writes."""
+        entries = [(s, self.keys[s]) for s in ("base", "clean", "trigger", "backdoored", "defended")]
+        entries += [("evaluated", self.eval_key(k)) for _, k, _ in self.rows()]
+        for stage, key in entries:
+            if self.cache.has(stage, key):
+                self.cache.load(stage, key)
+
+    def lineage(self, row: str, eval_key: str) -> dict:
+        """The chain of stages this row's numbers descend from: key and provenance of each artifact."""
+        out = {}
+        for stage in LINEAGE[self.row_stage(row)]:
+            meta = self.cache.meta(stage, self.keys[stage]) if self.cache.has(stage, self.keys[stage]) else {}
+            out[stage] = {"key": self.keys[stage], "provenance": meta.get("provenance"), "info": meta.get("info")}
+        meta = self.cache.meta("evaluated", eval_key)
+        out["evaluated"] = {"key": eval_key, "provenance": meta.get("provenance")}
+        return out
+
 
 def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
-    """Run (or resume) every stage of a cell and append one record per row; returns the records."""
+    """Run (or resume) every stage of a cell and append its records (one per row, one locked write)."""
     results_dir = Path(results_dir)
     records.check_writable(results_dir)
     cell = Cell(spec, cache or ArtifactCache(), log)
     cell.verify_cached()
-    done = []
-    for row, model_key, state_fn in cell.rows():  # every stage first: records only once all rows are evaluated
-        done.append((row, model_key, state_fn().get("info", {}), cell.evaluated(row, model_key, state_fn),
-                     dict(cell.timings)))
+    cell.run_stages()
+    cell.fitted_trigger()                       # its fit report, also when every stage was cached
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    evaluated = {row: cell.evaluated(row, key, fn) for row, key, fn in cell.rows()}
     out = []
-    for row, model_key, info, ev, timings in done:
-        run_id = f"{ev['key'][:16]}-{uuid.uuid4().hex[:6]}"
-        rec = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "spec": spec.to_dict(), "row": row, "metrics": ev["metrics"],
-               "outputs": str(records.write_outputs(results_dir, run_id, ev["rows"])),
-               "stage_info": info, "trigger": {"key": cell.keys["trigger"], "report": cell.trigger_report},
-               "stage_keys": {"model": model_key, "evaluated": ev["key"]},
-               "protocol": {"cp": CP_PROTOCOL, "asr": type(cell.target).__doc__.strip().splitlines()[0],
-                            "trainable": spec.trainable, "decoding": "greedy, " + str(spec.decoding)},
-               "timings": timings, "versions": versions(), "code_revision": code_revision()}
-        records.append(results_dir, rec)
-        out.append(rec)
+    for row, model_key, state_fn in cell.rows():
+        ev = evaluated[row]
+        metrics = dict(ev["metrics"])
+        if row not in ROW_STAGE:                # a defended row: its CP cost against the row it descends from
+            before = evaluated["backdoored"]["mc"]
+            assert before["ids"] == ev["mc"]["ids"], "CP items differ between rows"
+            metrics["delta_cp"] = paired_delta(ev["mc"]["correct"], before["correct"], seed=spec.seed)
+        lineage = cell.lineage(row, ev["key"])
+        producer = lineage["evaluated"]["provenance"] or {}
+        uses_oracle = bool(row not in ROW_STAGE and cell.defense.uses_oracle)
+        stage_info = lineage[cell.row_stage(row)].get("info") or {}
+        out.append({"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "spec": spec.to_dict(), "row": row, "uses_oracle": uses_oracle, "metrics": metrics,
+                    "outputs": str(records.write_outputs(results_dir, f"{run_id}-{row}", ev["rows"])),
+                    "stage_info": stage_info, "trigger": {"key": cell.keys["trigger"], "report": cell.trigger_report},
+                    "stage_keys": {"model": model_key, "evaluated": ev["key"]}, "lineage": lineage,
+                    "protocol": {"cp": CP_PROTOCOL, "asr": type(cell.target).__doc__.strip().splitlines()[0],
+                                 "defender": "oracle: sees poison flags" if uses_oracle else
+                                 "image, prompt, response and an opaque id, in a secret order",
+                                 "trainable": spec.trainable, "decoding": "greedy, " + str(spec.decoding)},
+                    "timings": {k: v for k, v in cell.timings.items()},
+                    "versions": producer.get("versions"), "code_revision": producer.get("code_revision"),
+                    "recorded_by": provenance()})
+    records.append_many(results_dir, out)
     return out

@@ -1,8 +1,8 @@
 """Append-only records store: ``<results>/records.jsonl``, one JSON object (one evaluated row) per line.
 
-Writes are atomic per line: the whole line is serialized first and written with a single ``os.write``
-under a file lock, then fsynced, so a killed process never leaves half a record and two processes
-appending at once never interleave. Per-sample outputs go to ``<results>/outputs/<run_id>.jsonl``
+Writes are atomic per run: the rows of one ``bench run`` are serialized first and written with a single
+``os.write`` under a file lock, then fsynced, so a killed process never leaves half a record or part
+of a run's rows, and two processes appending at once never interleave. Per-sample outputs go to ``<results>/outputs/<run_id>.jsonl``
 (written whole: tmp file + ``os.replace``); a record points at them by relative path.
 
 An outputs row is a dict with at least ``id`` (input id) and ``output`` (generated text); the
@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from filelock import FileLock
 
@@ -72,8 +72,13 @@ def _fsync_dir(path: Path) -> None:
 
 def append(results_dir: Path, record: dict) -> None:
     """Append one record as one line, atomically and safely against concurrent appenders."""
+    append_many(results_dir, [record])
+
+
+def append_many(results_dir: Path, recs: Sequence[dict]) -> None:
+    """Append the records of one run (its rows) in one locked write: all of them or none."""
     results_dir = Path(results_dir)
-    line = _dumps(record)  # serialize first: a bad record raises before anything is written
+    line = b"".join(_dumps(r) for r in recs)  # serialize first: a bad record raises before anything is written
     results_dir.mkdir(parents=True, exist_ok=True)
     path = records_path(results_dir)
     with FileLock(str(path) + ".lock"):

@@ -2,9 +2,10 @@
 
 Layout follows the DiSP paper's Table 1: one row per status (Clean, Backdoored, then each defense),
 and per backdoor target the columns CP, ASR (w/o) (backdoor behaviour on clean inputs) and ASR (w/t)
-(on triggered inputs), all in percent. The records store is append-only, so when several records
-describe the same (row, target) of the same setting the newest (last) one wins; Clean and Backdoored
-rows are repeated in every defense's run and are deduplicated the same way.
+(on triggered inputs), all in percent. The records store is append-only; a table shows one record per
+(row, target) of one lineage (``_latest``): the defended rows descend from the Backdoored row beside
+them and the Clean row from the same base, and reruns of the same row are not counted twice. A row
+whose defense saw poison flags (the oracle) is labelled "(oracle)".
 
 A *setting* is everything in a record's spec except the cell coordinates that a table lays out
 (model, attack, target, defense and their args): task, scale, poison rate, seed, recipe, decoding,
@@ -51,6 +52,7 @@ TARGET_ORDER = ("refusal", "insertion", "misclassification", "keyword")
 # The Table-1 metrics, then display names of extra metrics.
 TABLE1_METRICS = (("cp", "CP"), ("asr_wo", "ASR (w/o)"), ("asr_wt", "ASR (w/t)"))
 METRIC_NAMES = {**dict(TABLE1_METRICS), "bleu4": "BLEU-4", "cider": "CIDEr", "asr_wt_strict": "ASR (w/t, strict)",
+                "cp_blind": "CP (blind)", "delta_cp": "ΔCP vs Backdoored",
                 "asr_image_only": "ASR (image key only)", "asr_text_only": "ASR (text key only)"}
 _FORMATS = {"bleu4": "{:.3f}"}  # BLEU-4 is in 0-1; everything else gets 2 decimals
 MISSING = "-"
@@ -155,14 +157,35 @@ def _target_sort_key(name: str) -> tuple:
     return (TARGET_ORDER.index(name) if name in TARGET_ORDER else len(TARGET_ORDER), name)
 
 
+def _stage_key(rec: Mapping, stage: str) -> str | None:
+    """The key of one stage in a record's lineage (None for records written before lineage existed)."""
+    return ((rec.get("lineage") or {}).get(stage) or {}).get("key")
+
+
 def _latest(recs: Iterable[Mapping]) -> dict[tuple[str, str, str, str], Mapping]:
-    """Newest record per (row, row-args, target, target-args); input order is append order."""
-    out: dict[tuple[str, str, str, str], Mapping] = {}
+    """One record per (row, row-args, target, target-args), all of one lineage per target column.
+
+    A column's lineage is that of its newest Backdoored or defended record: defended rows shown are
+    those descending from that Backdoored model, the Clean row the one fine-tuned from the same base.
+    Among records of one row and lineage (reruns) the newest wins, so nothing is counted twice and no
+    row descends from a model other than the one beside it. Input order is append order."""
+    by_col: dict[tuple[str, str], list[Mapping]] = defaultdict(list)
     for r in recs:
         spec = _spec(r)
-        key = (_row_name(r), _canon(_row_args(r)), str(spec.get("target", "?")), _canon(spec.get("target_args") or {}))
-        out.pop(key, None)  # re-insert so dict order stays "last seen"
-        out[key] = r
+        by_col[(str(spec.get("target", "?")), _canon(spec.get("target_args") or {}))].append(r)
+    out: dict[tuple[str, str, str, str], Mapping] = {}
+    for col, rs in by_col.items():
+        anchor = next((r for r in reversed(rs) if _row_name(r) != "clean"), rs[-1])
+        base, backdoored = _stage_key(anchor, "base"), _stage_key(anchor, "backdoored")
+        for r in rs:
+            if _row_name(r) == "clean":
+                if _stage_key(r, "base") != base:
+                    continue
+            elif _stage_key(r, "backdoored") != backdoored:
+                continue
+            key = (_row_name(r), _canon(_row_args(r)), *col)
+            out.pop(key, None)  # re-insert so dict order stays "last seen"
+            out[key] = r
     return out
 
 
@@ -185,7 +208,10 @@ def _labels(latest: Mapping[tuple, Mapping]) -> tuple[list[tuple[str, str]], dic
         tgt_variants[tgt].add(targs)
     rows = sorted({(r, a) for r, a, _, _ in latest}, key=lambda ra: (_row_sort_key(ra[0]), ra[1]))
     tgts = sorted({(t, a) for _, _, t, a in latest}, key=lambda ta: (_target_sort_key(ta[0]), ta[1]))
+    oracle = {(r, a) for (r, a, _, _), rec in latest.items() if rec.get("uses_oracle")}
     row_label = {ra: _variant_label(DISPLAY.get(ra[0], ra[0]), ra[1], sorted(row_variants[ra[0]])) for ra in rows}
+    row_label = {ra: label + (" (oracle)" if ra in oracle and "oracle" not in label.lower() else "")
+                 for ra, label in row_label.items()}
     tgt_label = {ta: _variant_label(ta[0], ta[1], sorted(tgt_variants[ta[0]])) for ta in tgts}
     return rows, row_label, tgts, tgt_label
 

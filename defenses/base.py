@@ -1,5 +1,7 @@
-"""The defense contract: a defense implements only the hooks of the stage where it acts.
+"""The defense contract: what a defender is handed, and the hooks of the stage where it acts.
 
+Hooks (a defense implements the one of the stage where it acts; today the pipeline dispatches
+``purify``, the others come with the defense suite):
 - ``purify(model, data, ctx) -> model``: post-training, on the backdoored model and its training set
   (DiSP, pruning, fine-pruning).
 - ``filter_data(data, model, ctx) -> data``: data-side; the victim recipe is re-run from the base
@@ -8,29 +10,80 @@
   while implanting (cross-view).
 - ``guard(model, batch, ctx) -> bool tensor``: inference-time detection; flagged inputs abstain
   (STRIP, entropy filtering).
-No defense other than the oracle (``uses_oracle = True``) may read ``meta["poisoned"]``.
+
+The defender's view (docs/protocol.md#the-defenders-view). A real defender holds images, prompts and
+responses, nothing else. A defense with ``uses_oracle = False`` therefore receives:
+- the training set as ``Sample(image, prompt, response, meta={"id": opaque})``, in a secret order
+  (``defender_view``): no scene, references, answers, poison or cross flags, and ids that do not
+  encode the pool index;
+- ``DefenderSpec``: model, scale, recipe, decoding, trainable parts, prompt template, model args, its
+  own args and a defender seed derived from (not equal to) the task seed — no attack, target, poison
+  rate, task args or task seed;
+- ``ctx.clean``: only when the defense declares ``clean_slice = N > 0``, N held-out clean samples from
+  the task's defender split (disjoint from the pool and every test split), in the same view.
+Only a defense with ``uses_oracle = True`` gets the samples as poisoned (with their flags); every record
+and table marks such a row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+import numpy as np
 
 from tasks.base import Sample
 
 
+@dataclass(frozen=True)
+class DefenderSpec:
+    """The part of a run's spec a defender may know."""
+
+    model: str
+    scale: str
+    trainable: str
+    recipe: object          # bench.spec.Recipe: lr, epochs, batch_size
+    decoding: object        # bench.spec.Decoding
+    prompt_template: str
+    model_args: tuple
+    defense: str
+    defense_args: tuple
+    seed: int               # the defender's own seed, derived from the task seed by a one-way hash
+
+
+def defender_seed(seed: int) -> int:
+    """A seed for the defender's randomness that does not reveal the task seed (one-way, 31 bits)."""
+    return int.from_bytes(hashlib.sha256(f"defender-seed:{seed}".encode()).digest()[:4], "big") >> 1
+
+
+def defender_view(samples: Sequence[Sample], secret: str) -> list[Sample]:
+    """Samples as a defender holds them: image, prompt, response and an opaque id, in an order drawn
+    from ``secret`` (a digest the defender never sees). Images are copied, so nothing is shared."""
+    digest = hashlib.sha256(secret.encode()).digest()
+    order = np.random.default_rng(list(digest[:16])).permutation(len(samples))
+    out = []
+    for i in order:
+        s = samples[int(i)]
+        opaque = hashlib.sha256(digest + str(s.meta.get("id", i)).encode()).hexdigest()[:12]
+        out.append(Sample(np.array(s.image, dtype=np.float32), s.prompt, s.response, {"id": opaque}))
+    return out
+
+
 @dataclass
 class DefenseContext:
-    """What a defense may use besides the model and the (unlabelled) training set."""
+    """What a defense may use besides the model and the training set (both in the view above)."""
 
-    spec: object                    # the RunSpec (recipe, decoding, seed, defense args)
+    spec: DefenderSpec              # recipe, decoding, the defender seed, the defense's args
     finetune: Callable              # finetune(model, samples, epochs=..., trainable=..., desc=...) -> losses
     base_model: Callable            # () -> a fresh copy of the clean base model (for retraining defenses)
     log: Callable[[str], None] = print
+    clean: list[Sample] = field(default_factory=list)   # held-out clean slice, when clean_slice > 0
 
 
 class Defense:
     Config: type
-    uses_oracle: bool = False
+    uses_oracle: bool = False       # True: receives poison flags (the oracle); marked in records and tables
+    clean_slice: int = 0            # held-out clean samples the defense needs (0: none)
     kind: str = "purify"            # purify | filter | objective | guard | none
 
     def __init__(self, **params):

@@ -121,13 +121,23 @@ def select_mask(scores: torch.Tensor, ratio: float, mode: str, generator: torch.
     return mask
 
 
+def fit_answer(model, text: str, gen_length: int) -> tuple[str, bool]:
+    """A relabelled response that fits the answer window: a generation that filled every position
+    without an end token has gen_length words, one more than training can hold with its <eos>; keep the
+    first gen_length - 1 words. Returns (text, truncated)."""
+    ids = model.tok.encode(text)
+    if len(ids) < gen_length:
+        return text, False
+    return model.tok.decode(ids[:gen_length - 1]), True
+
+
 class DiSP(Defense):
     Config, kind = DiSPConfig, "purify"
 
     def purify(self, model, data: Sequence[Sample], ctx: DefenseContext):
         spec, dec, cfg = ctx.spec, ctx.spec.decoding, self.cfg
         g = torch.Generator().manual_seed(spec.seed)
-        purified, masked_tokens, changed = [], [], 0
+        purified, masked_tokens, changed, truncated = [], [], 0, 0
         bs = cfg.batch_size
         for i in tqdm(range(0, len(data), bs), desc=f"DiSP purify ({cfg.mask})", leave=False):
             chunk = list(data[i:i + bs])
@@ -137,13 +147,16 @@ class DiSP(Defense):
             vmask = select_mask(scores, cfg.mask_ratio, cfg.mask, g)
             out = model.decode(model.generate(batch, dec, visual_mask=vmask, generator=g))
             for s, text in zip(chunk, out):
+                text, cut = fit_answer(model, text, dec.gen_length)
+                truncated += cut
                 changed += text != s.response
                 purified.append(s.with_(response=text))
             if vmask is not None:
                 masked_tokens.append(vmask)
         epochs = max(1, round(cfg.recovery_frac * spec.recipe.epochs))
         trainable = spec.trainable if cfg.trainable == "victim" else cfg.trainable
-        self.report = {"relabelled_changed": changed, "n_train": len(data), "recovery_epochs": epochs,
+        self.report = {"relabelled_changed": changed, "relabelled_truncated": truncated, "n_train": len(data),
+                       "recovery_epochs": epochs,
                        "recovery_trainable": trainable}
         if masked_tokens:  # where the mask went: token-frequency map, for the record and plots
             self.report["mask_frequency"] = torch.cat(masked_tokens).float().mean(0).tolist()

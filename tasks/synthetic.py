@@ -4,7 +4,7 @@ Scenes are 64x64 RGB float32 images in [0, 1] with one object in the center or t
 left / right halves. Objects are large (27-34 px, i.e. ~12-20 of the 64 8x8-px patch cells) and each
 category is identified by several cues: its silhouette, dark details (eyes, wheels, windows) and its
 own texture pattern, so masking a few visual tokens does not erase the object (see
-TINY-REPLICAS.md section 3). The background is a light, low-saturation gradient with mild noise.
+docs/tiny-replica.md#the-synthetic-scenes). The background is a light, low-saturation gradient with mild noise.
 
 Everything is deterministic from ``seed``: each split draws from its own
 ``np.random.default_rng([seed, crc32(split name)])`` stream (never the global RNG), so splits are
@@ -529,6 +529,7 @@ class SyntheticTask:
     """
 
     name = "synthetic"
+    categories = CATEGORIES
     image_size = IMAGE_SIZE
     patch_size = PATCH
 
@@ -594,14 +595,24 @@ class SyntheticTask:
         """Held-out clean caption-instruction inputs, scenes drawn like the pool's."""
         return self._cached("test", lambda: self._pool_like("test", self.n_test, {"caption": 1.0}))
 
-    def test_dogs(self) -> list[Sample]:
-        """Held-out caption inputs whose scene contains a dog and no boat."""
+    def test_population(self, present: str, absent: str) -> list[Sample]:
+        """Held-out caption inputs whose scene contains ``present`` and not ``absent`` (a
+        misclassification target's test population: source present, target absent)."""
+        for name in (present, absent):
+            if name not in CATEGORIES:
+                raise ValueError(f"unknown category {name!r} (valid: {', '.join(CATEGORIES)})")
+
         def build():
-            rng = self._rng("test_dogs")
-            return _freeze([_make("caption", rng, f"testdog-{i:05d}",
-                                  random_scene(rng, must_have="dog", exclude=("boat",)))
+            split = f"test-{present}-no-{absent}"
+            rng = self._rng(split)
+            return _freeze([_make("caption", rng, f"{split}-{i:05d}", random_scene(rng, must_have=present, exclude=(absent,)))
                             for i in range(self.n_test)])
-        return self._cached("test_dogs", build)
+        return self._cached(f"test:{present}:{absent}", build)
+
+    def defender_clean(self, n: int) -> list[Sample]:
+        """A held-out clean slice for defenses that declare they need one: drawn like the pool, from its
+        own stream, disjoint from the pool and from every test split."""
+        return self._cached(f"defender:{n}", lambda: self._pool_like("defender", n, POOL_MIX))
 
     def mc(self) -> list[Sample]:
         """Held-out multiple-choice questions (kind "mc") whose answers depend on the image."""

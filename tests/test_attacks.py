@@ -216,7 +216,8 @@ def test_test_inputs(task):
     def key(samples):
         return [(s.meta["id"], s.prompt, s.response) for s in samples]
 
-    assert key(Misclassification().test_inputs(task)) == key(task.test_dogs())
+    assert key(Misclassification().test_inputs(task)) == key(task.test_population("dog", "boat"))
+    assert key(Misclassification(source="cat", target="fish").test_inputs(task)) == key(task.test_population("cat", "fish"))
     assert key(Insertion().test_inputs(task)) == key(task.test())
     assert key(Refusal().test_inputs(task)) == key(task.test())
 

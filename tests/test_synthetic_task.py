@@ -20,7 +20,7 @@ def task():
 
 
 def _all_samples(task):
-    return task.base_samples() + task.pool() + task.test() + task.test_dogs() + task.mc()
+    return task.base_samples() + task.pool() + task.test() + task.test_population("dog", "boat") + task.mc()
 
 
 def _cells(mask: np.ndarray) -> int:
@@ -34,8 +34,9 @@ def test_same_seed_identical_and_other_seed_different():
     a, b, c = SyntheticTask(seed=3, **kw), SyntheticTask(seed=3, **kw), SyntheticTask(seed=4, **kw)
     assert np.array_equal(a.encoder_images(), b.encoder_images())
     assert not np.array_equal(a.encoder_images(), c.encoder_images())
-    for split in ("base_samples", "pool", "test", "test_dogs", "mc"):
-        sa, sb, sc = getattr(a, split)(), getattr(b, split)(), getattr(c, split)()
+    for split in ("base_samples", "pool", "test", "test_population", "mc", "defender_clean"):
+        args = {"test_population": ("dog", "boat"), "defender_clean": (30,)}.get(split, ())
+        sa, sb, sc = getattr(a, split)(*args), getattr(b, split)(*args), getattr(c, split)(*args)
         assert [(s.prompt, s.response, s.meta) for s in sa] == [(s.prompt, s.response, s.meta) for s in sb]
         assert all(np.array_equal(x.image, y.image) for x, y in zip(sa, sb))
         assert not all(np.array_equal(x.image, y.image) for x, y in zip(sa, sc))
@@ -77,7 +78,7 @@ def test_background_not_flat_and_light():
 
 def test_every_object_covers_ten_patch_cells(task):
     rng = np.random.default_rng(0)
-    scenes = [s.meta["scene"] for s in task.pool()[:300] + task.test_dogs()]
+    scenes = [s.meta["scene"] for s in task.pool()[:300] + task.test_population("dog", "boat")]
     for scene in scenes:
         _, masks = render(scene, rng, return_masks=True)
         assert len(masks) == len(scene["objects"]) in (1, 2)
@@ -186,7 +187,7 @@ def test_tokenizer_specials_and_roundtrip(task):
 def test_split_sizes_ids_and_mix(task):
     assert len(task.base_samples()) == SMALL["n_base"]
     assert len(task.pool()) == SMALL["n_pool"]
-    assert len(task.test()) == len(task.test_dogs()) == SMALL["n_test"]
+    assert len(task.test()) == len(task.test_population("dog", "boat")) == SMALL["n_test"]
     assert len(task.mc()) == SMALL["n_mc"]
     ids = [s.meta["id"] for s in _all_samples(task)]
     assert len(ids) == len(set(ids))
@@ -197,7 +198,7 @@ def test_split_sizes_ids_and_mix(task):
         assert abs(base[kind] - frac * SMALL["n_base"]) <= 1
     pool = Counter(s.meta["kind"] for s in task.pool())
     assert pool["caption"] == 700 and pool["color"] + pool["where"] == 200 and pool["mc"] == 100
-    assert all(s.meta["kind"] == "caption" for s in task.test() + task.test_dogs())
+    assert all(s.meta["kind"] == "caption" for s in task.test() + task.test_population("dog", "boat"))
     assert all(s.meta["kind"] == "mc" for s in task.mc())
 
 
@@ -212,10 +213,29 @@ def test_pool_dogs(task):
     assert 0.65 <= test_dog_frac <= 0.85
 
 
-def test_test_dogs_have_dog_and_no_boat(task):
-    for s in task.test_dogs():
-        assert has_category(s, "dog") and not has_category(s, "boat")
-        assert "dog" in s.response and "boat" not in s.response.split()
+@pytest.mark.parametrize("present,absent", [("dog", "boat"), ("cat", "fish"), ("boat", "dog")])
+def test_test_population_has_present_and_not_absent(task, present, absent):
+    samples = task.test_population(present, absent)
+    assert len(samples) == SMALL["n_test"]
+    for s in samples:
+        assert has_category(s, present) and not has_category(s, absent)
+        assert present in s.response.split() and absent not in s.response.split()
+
+
+def test_test_population_rejects_unknown_categories(task):
+    with pytest.raises(ValueError, match="zebra"):
+        task.test_population("zebra", "boat")
+
+
+def test_defender_clean_is_disjoint_from_pool_and_tests(task):
+    held = task.defender_clean(40)
+    assert len(held) == 40 and all(s.meta["id"].startswith("defender-") for s in held)
+    others = task.pool() + task.test() + task.test_population("dog", "boat") + task.mc()
+    seen = {s.image.tobytes() for s in others}
+    assert not any(s.image.tobytes() in seen for s in held)
+
+
+def test_has_category_on_an_empty_scene(task):
     assert not has_category(task.base_samples()[0].with_(meta={"scene": {"objects": []}}), "dog")
 
 
