@@ -46,7 +46,7 @@ default fit under ~3 minutes (the reference runs 25 mask + 600 joint epochs on 5
   poisoned samples, and held-out ASR measured 0.81-0.98 from joint epoch 40 on (a default run at 80
   epochs ended at 0.86), so 0.9 would fail seeds at random while 0.8 still rejects a trigger that
   was not learned (0.0-0.5 at 10-30 epochs).
-- the mask norm term is per image, relu(mean(mask) - mask_density) (our SPEC); the reference code
+- the mask norm term is per image, relu(mean(mask) - mask_density) (docs/methods.md#inputaware); the reference code
   penalises every pixel, mean(relu(mask - mask_density)), which left denser masks here (0.078 after
   10 epochs).
 - the diversity pairs are formed inside the batch (each image with the next one of the shuffled

@@ -1,6 +1,6 @@
 """Tiny ViT vision tower and its masked-patch-reconstruction (SimMIM-style) pretraining.
 
-Plays SigLIP's role in the tiny replica: generic, frozen, detail-preserving. TINY-REPLICAS.md §1: an
+Plays SigLIP's role in the tiny replica: generic, frozen, detail-preserving. docs/tiny-replica.md#encoder-pretraining: an
 encoder trained only through captioning erases a corner trigger; one pretrained to reconstruct
 masked patches keeps it. Features come from the second-to-last block, as LLaDA-V reads SigLIP.
 """
