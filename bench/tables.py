@@ -210,7 +210,7 @@ def _labels(latest: Mapping[tuple, Mapping]) -> tuple[list[tuple[str, str]], dic
     tgts = sorted({(t, a) for _, _, t, a in latest}, key=lambda ta: (_target_sort_key(ta[0]), ta[1]))
     oracle = {(r, a) for (r, a, _, _), rec in latest.items() if rec.get("uses_oracle")}
     row_label = {ra: _variant_label(DISPLAY.get(ra[0], ra[0]), ra[1], sorted(row_variants[ra[0]])) for ra in rows}
-    row_label = {ra: label + (" (oracle)" if ra in oracle and "oracle" not in label.lower() else "")
+    row_label = {ra: label + (" (oracle)" if ra in oracle and "(oracle)" not in label else "")
                  for ra, label in row_label.items()}
     tgt_label = {ta: _variant_label(ta[0], ta[1], sorted(tgt_variants[ta[0]])) for ta in tgts}
     return rows, row_label, tgts, tgt_label

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from core.errors import BenchError
 from bench.spec import DEFAULT_TEMPLATE, Decoding, Recipe, RunSpec
 from defenses.base import DefenseContext
-from defenses.disp import (DiSPConfig, DiSPDefense, DiSPNoMask, DiSPRandom, exact_saliency, saliency,
+from defenses.disp import (DiSPConfig, DiSPDefense, DiSPNoMask, DiSPRandom, exact_saliency, fit_answer, saliency,
                            select_mask)
 from models.base import Batch
 from models.llada_v import LLaDAV, TinyConfig
@@ -273,8 +273,10 @@ def test_purify_relabels_and_recovers(model, defense):
     assert d.report["relabelled_changed"] == sum(t != s.response for t, s in zip(texts, data))
     if defense is DiSPNoMask:
         assert "mask_frequency" not in d.report
-        ref = model.decode(model.generate(model.collate(data, with_response=False), dec))
-        assert texts == ref
+        raw = model.decode(model.generate(model.collate(data, with_response=False), dec))
+        ref = [fit_answer(model, t, dec.gen_length) for t in raw]   # the random model fills every position
+        assert texts == [t for t, _ in ref]
+        assert d.report["relabelled_truncated"] == sum(cut for _, cut in ref)
     else:
         freq = torch.tensor(d.report["mask_frequency"])
         assert freq.shape == (model.n_visual,) and ((freq >= 0) & (freq <= 1)).all()
@@ -294,5 +296,17 @@ def test_purify_saliency_generates_with_the_selected_mask(model):
     b = model.collate(data, with_response=False)
     scores = saliency(model, b, dec.block_length, dec.gen_length, 3, 5, g)
     vmask = select_mask(scores, 0.5, "saliency", g)
-    assert [p.response for p in d.purified] == model.decode(model.generate(b, dec, visual_mask=vmask))
+    raw = model.decode(model.generate(b, dec, visual_mask=vmask))
+    assert [p.response for p in d.purified] == [fit_answer(model, t, dec.gen_length)[0] for t in raw]
     torch.testing.assert_close(torch.tensor(d.report["mask_frequency"]), vmask.float().mean(0))
+
+
+def test_a_relabel_without_an_end_token_is_truncated_to_fit():
+    from tasks.synthetic import Tokenizer
+
+    class M:
+        tok = Tokenizer()
+    full = " ".join(["dog"] * 8)
+    text, cut = fit_answer(M, full, gen_length=8)
+    assert cut and text == " ".join(["dog"] * 7)
+    assert fit_answer(M, "a red dog", gen_length=8) == ("a red dog", False)

@@ -64,3 +64,17 @@ def test_caption_scores_edge_cases() -> None:
     with pytest.raises(BenchError, match="no reference"):
         metrics.caption_scores({"zzz": "a dog"}, REFS)
     assert metrics.normalize_caption("A Dog, running!  Fast.") == "a dog running fast"
+
+
+def test_paired_delta_uses_the_pairing():
+    from bench.metrics import paired_delta
+    before = [True, False] * 100
+    after = [not b for b in before]                 # every item flips: -0 on average, but paired it is huge
+    d = paired_delta(after, before)
+    assert d["value"] == 0.0 and d["ci"][0] < -5 and d["ci"][1] > 5
+    same = paired_delta(before, before)
+    assert same == {"value": 0.0, "ci": [0.0, 0.0]}     # unpaired CIs would be ±7 points here
+    worse = paired_delta([False] * 10 + before[10:], before)
+    assert worse["value"] == -2.5 and worse["ci"][1] <= 0.0
+    with pytest.raises(ValueError):
+        paired_delta([True], [True, False])

@@ -151,3 +151,35 @@ def test_attack_overview_one_line_per_attack_and_target() -> None:
     more = tables.attack_overview(recs + [rec("backdoored", 60, 0, 50.0, attack="blended", defense="none", poison_rate=0.4)])
     assert sorted(set(more["poison_rate"])) == ["0.2", "0.4"]
     assert tables.attack_overview([rec("clean", 1, 0, 0)]).empty
+
+
+# ---- one truth per cell: lineage ---------------------------------------------------------------------
+def lin(base: str, backdoored: str | None = None) -> dict:
+    out = {"base": {"key": base}}
+    if backdoored:
+        out["backdoored"] = {"key": backdoored}
+    return out
+
+
+def test_rows_side_by_side_share_lineage_and_reruns_count_once():
+    old = [rec("clean", 60, 0, 0, run="a") | {"lineage": lin("B1")},
+           rec("backdoored", 61, 0, 99, run="a") | {"lineage": lin("B1", "K1")},
+           rec("disp", 50, 0, 1, run="a") | {"lineage": lin("B1", "K1")}]
+    # new code: another backdoored model, run with defense none only
+    new = [rec("clean", 62, 0, 0, run="b", defense="none", defense_args={}) | {"lineage": lin("B2")},
+           rec("backdoored", 63, 0, 98, run="b", defense="none", defense_args={}) | {"lineage": lin("B2", "K2")}]
+    df = tables.table1(old + new + new, "llada-v", "badnets", ["insertion"])
+    assert list(df.index) == ["Clean", "Backdoored"]            # the old DiSP row descends from another model
+    assert df.iloc[1, 0] == "63.00" and df.iloc[0, 0] == "62.00"
+    df = tables.table1(old + new + old, "llada-v", "badnets", ["insertion"])
+    assert list(df.index) == ["Clean", "Backdoored", "DiSP"] and df.iloc[1, 0] == "61.00"
+
+
+def test_oracle_rows_are_labelled():
+    recs = [rec("clean", 60, 0, 0), rec("backdoored", 61, 0, 99),
+            rec("oracle", 60, 0, 0) | {"uses_oracle": True}, ]
+    recs[2]["spec"]["defense"] = "oracle"
+    df = tables.table1(recs, "llada-v", "badnets", ["insertion"])
+    assert "Data filtering (oracle)" in list(df.index)
+    recs[2]["row"] = recs[2]["spec"]["defense"] = "peek"
+    assert "peek (oracle)" in list(tables.table1(recs, "llada-v", "badnets", ["insertion"]).index)
