@@ -84,21 +84,34 @@ def _path_of(obj, root: Path) -> Path:
         return src                              # a third-party method: its own file
 
 
-def _hash_files(files: tuple[Path, ...], root: Path) -> str:
+def code_of(path: Path) -> str:
+    """A module's code without its comments and docstrings (the AST), so editing prose moves no key."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
+
+
+def _hash_files(files: list[Path], root: Path) -> str:
     h = hashlib.sha256()
     for rel in files:
         h.update(str(rel).encode() + b"\0")
-        h.update((root / rel).read_bytes() if not rel.is_absolute() else rel.read_bytes())
+        h.update(code_of(rel if rel.is_absolute() else root / rel).encode())
     h.update(f"torch {torch.__version__} numpy {np.__version__}".encode())
     return h.hexdigest()[:16]
 
 
 def code_hash(*objs, root: Path | None = None) -> str:
-    """sha256 over the transitive in-repo source of ``objs`` (paths relative to the repo, or modules,
-    classes, functions) plus the torch and numpy versions: a stage's code version."""
+    """sha256 over the transitive in-repo code of ``objs`` (paths relative to the repo, or modules,
+    classes, functions; comments and docstrings excluded) plus the torch and numpy versions: a stage's
+    code version."""
     root = Path(root or ROOT)
     files = closure([_path_of(o, root) for o in objs], root)
-    return _hash_files(tuple(files), root)
+    return _hash_files(files, root)
 
 
 def code_files(*objs, root: Path | None = None) -> list[str]:

@@ -214,7 +214,7 @@ def test_editing_a_helper_moves_every_dependent_key_and_no_other(tmp_path, helpe
     root = _copy_repo(tmp_path)
     before = _all_keys(root)
     with open(root / helper, "a") as f:
-        f.write("\n# an edit\n")
+        f.write("\n_AN_EDIT = 1\n")
     after = _all_keys(root)
     for a in ATTACKS:
         for stage in ("task", "base", "clean"):
@@ -228,10 +228,20 @@ def test_editing_the_training_loop_moves_base_and_clean_not_the_trigger(tmp_path
     root = _copy_repo(tmp_path)
     before = stage_keys(make_spec(attack="lowfreq"), root=root)
     with open(root / "models/train.py", "a") as f:
-        f.write("\n# an edit\n")
+        f.write("\n_AN_EDIT = 1\n")
     after = stage_keys(make_spec(attack="lowfreq"), root=root)
     assert after["base"] != before["base"] and after["clean"] != before["clean"]
     assert after["trigger"] == before["trigger"] and after["task"] == before["task"]
+
+
+def test_editing_comments_and_docstrings_moves_no_key(tmp_path):
+    root = _copy_repo(tmp_path)
+    before = _all_keys(root)
+    path = root / "attacks/badnets.py"
+    text = path.read_text()
+    first = text.index('"""', 3) + 3             # the end of the module docstring
+    path.write_text('"""Reworded."""' + text[first:] + "\n# a comment\n")
+    assert _all_keys(root) == before
 
 
 def test_the_trigger_does_not_depend_on_the_victim():
