@@ -4,9 +4,12 @@ Bad input of any kind ends in one line on stderr and exit code 2, before anythin
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Mapping
 
 import click
 
@@ -23,6 +26,43 @@ def _pairs(values: tuple[str, ...], what: str) -> dict:
         k, val = v.split("=", 1)
         out[k.strip()] = val.strip()
     return out
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """A record's spec as dotted keys ({"recipe": {"lr": 1}} -> {"recipe.lr": 1}), as `tables.matches` reads it."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _show_value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+
+
+def _values(recs: list[dict], key: str) -> list[str]:
+    """The distinct values a (dotted) spec field takes among records, as text."""
+    missing = object()
+    vals = {(_show_value(x) if (x := _flat(r.get("spec") or {}).get(key, missing)) is not missing else "(unset)")
+            for r in recs}
+    return sorted(vals)
+
+
+# Spec fields that become rows of one cell rather than settings: every defense of a setting is shown.
+_ROW_FIELDS = ("defense", "defense_args")
+
+
+def _settings_spread(recs: list[dict]) -> dict[str, list[str]]:
+    """Spec fields (dotted) whose values differ among the records, with those values; a method's
+    `*_args` are left out when the method itself differs (they follow from it)."""
+    keys = sorted(set().union(*(_flat(r.get("spec") or {}) for r in recs)))
+    keys = [k for k in keys if not any(k == f or k.startswith(f + ".") for f in _ROW_FIELDS)]
+    spread = {k: v for k in keys if len(v := _values(recs, k)) > 1}
+    return {k: v for k, v in spread.items()
+            if not (k.split(".")[0].endswith("_args") and k.split(".")[0][: -len("_args")] in spread)}
 
 
 def _threads() -> int:
@@ -48,19 +88,21 @@ def cli() -> None:
 @click.option("--target", default="insertion", show_default=True, help="insertion | refusal | misclassification | keyword")
 @click.option("--defense", default="disp", show_default=True, help="defense (bench list); 'none' for Clean/Backdoored only")
 @click.option("--poison-rate", default=0.2, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--trainable", default=None, help="parts a fine-tune trains: projector | projector+lm | all")
-@click.option("--lr", default=None, type=float, help="victim fine-tune peak lr")
-@click.option("--epochs", default=None, type=int, help="victim fine-tune epochs")
-@click.option("--steps", default=None, type=int, help="sampler steps")
-@click.option("--gen-length", default=None, type=int)
-@click.option("--block-length", default=None, type=int)
-@click.option("--remasking", default=None, help="low_confidence | random")
-@click.option("--attack-arg", multiple=True, help="key=value, repeatable")
-@click.option("--target-arg", multiple=True, help="key=value, repeatable")
-@click.option("--defense-arg", multiple=True, help="key=value, repeatable")
-@click.option("--model-arg", multiple=True, help="key=value, repeatable (tiny sizes / base recipe)")
-@click.option("--task-arg", multiple=True, help="key=value, repeatable (split sizes)")
+@click.option("--seed", default=0, show_default=True, type=int, help="0 <= seed < 2^32")
+@click.option("--trainable", default=None, help="parts a fine-tune trains: projector | projector+lm | all  [default: projector+lm]")
+@click.option("--lr", default=None, type=float, help="victim fine-tune peak lr (> 0)  [default: 1e-3]")
+@click.option("--epochs", default=None, type=int, help="victim fine-tune epochs (>= 1)  [default: 20]")
+@click.option("--steps", default=None, type=int, help="sampler steps, a multiple of the blocks  [default: 32]")
+@click.option("--gen-length", default=None, type=int, help="answer tokens  [default: 32]")
+@click.option("--block-length", default=None, type=int, help="semi-autoregressive block, divides gen-length  [default: 8]")
+@click.option("--remasking", default=None, help="low_confidence | random  [default: low_confidence]")
+@click.option("--attack-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args ATTACK")
+@click.option("--target-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args TARGET")
+@click.option("--defense-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args DEFENSE")
+@click.option("--model-arg", multiple=True,
+              help="key=value, repeatable (tiny sizes / base recipe); keys and defaults: bench list --args MODEL")
+@click.option("--task-arg", multiple=True,
+              help="key=value, repeatable (split sizes); keys and defaults: bench list --args TASK")
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
               help="records dir (records.jsonl, outputs/)")
 @click.option("--cache", default=None, type=click.Path(file_okay=False), help="artifact cache (default $BENCH_CACHE or the user cache dir)")
@@ -95,10 +137,15 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
 
 
 @cli.command(name="list")
-def list_() -> None:
-    """Every registered name, one per line: kind, name, what it is."""
+@click.option("--args", "args_of", default=None, metavar="NAME",
+              help="show NAME's --*-arg keys with their defaults (an attack, target, defense, model or task)")
+def list_(args_of) -> None:
+    """Every registered name, one per line: kind, name, what it is; or one method's args (--args NAME)."""
     from core import registry
 
+    if args_of is not None:
+        _list_args(args_of)
+        return
     for kind in registry.KINDS:
         for name in registry.names(kind):
             obj = registry.get(kind, name)
@@ -106,9 +153,50 @@ def list_() -> None:
             click.echo(f"{KINDS_SINGULAR[kind]:<8} {name:<20} {doc[0] if doc else ''}")
 
 
+def _method_args(kind: str, obj: Any) -> list[tuple[str, Any, str]]:
+    """(key, default, type name) of every arg a registered method takes on the command line."""
+    if kind == "models":   # the defaults of the first scale that resolves here (tiny for llada-v)
+        for scale in obj.scales:
+            try:
+                defaults = obj.resolve(scale, {})
+            except BenchError:
+                continue
+            return [(k, v, type(v).__name__) for k, v in defaults.items()]
+        return []
+    if kind == "tasks":
+        from bench.pipeline import task_defaults
+        return [(k, v, type(v).__name__) for k, v in task_defaults(obj).items()]
+    cfg = getattr(obj, "Config", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        return []
+    defaults = dataclasses.asdict(cfg())
+    return [(f.name, defaults[f.name], type(defaults[f.name]).__name__) for f in dataclasses.fields(cfg)]
+
+
+def _list_args(name: str) -> None:
+    from core import registry
+
+    found = [(kind, registry.get(kind, name)) for kind in registry.KINDS if name in registry.names(kind)]
+    if not found:
+        every = sorted({n for kind in registry.KINDS for n in registry.names(kind)})
+        raise BenchError(f"unknown name {name!r} (valid: {', '.join(every)})")
+    for i, (kind, obj) in enumerate(found):
+        singular = KINDS_SINGULAR[kind]
+        doc = (obj.__doc__ or "").strip().splitlines()
+        scales = f" (scale {', '.join(obj.scales)})" if kind == "models" else ""
+        click.echo(("\n" if i else "") + f"{singular} {name}{scales}: {doc[0] if doc else ''}".rstrip())
+        rows = _method_args(kind, obj)
+        if not rows:
+            click.echo("  (no args)")
+        width = max((len(f"--{singular}-arg {k}={_show_value(v)}") for k, v, _ in rows), default=0)
+        for k, v, t in rows:
+            click.echo(f"  {f'--{singular}-arg {k}={_show_value(v)}':<{width}}  ({t})")
+
+
 @cli.command()
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--out", default="leaderboards", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="where the tables go  [default: RESULTS/leaderboards]")
 def leaderboard(results, out) -> None:
     """Re-render every table (Markdown + CSV) from the records alone."""
     from bench import records, tables
@@ -116,24 +204,51 @@ def leaderboard(results, out) -> None:
     recs = records.load(Path(results))
     if not recs:
         raise BenchError(f"no records in {Path(results) / 'records.jsonl'}")
-    for p in tables.render_leaderboard(recs, Path(out)):
+    for p in tables.render_leaderboard(recs, Path(out) if out else Path(results) / "leaderboards"):
         click.echo(str(p))
 
 
 @cli.command()
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--model", default="llada-v", show_default=True)
-@click.option("--attack", default="badnets", show_default=True)
-@click.option("--target", default="insertion", show_default=True)
-@click.option("--defense", default="disp", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--where", multiple=True, metavar="KEY=VALUE",
+              help="keep records whose spec field KEY equals VALUE; dotted keys reach nested fields "
+                   "(poison_rate=0.2, attack_args.size=0.25, recipe.lr=0.001), row=... a row; repeatable")
+@click.option("--model", default=None, help="same as --where model=...")
+@click.option("--attack", default=None, help="same as --where attack=...")
+@click.option("--target", default=None, help="same as --where target=...")
+@click.option("--defense", default=None, help="same as --where defense=...")
+@click.option("--seed", default=None, type=int, help="same as --where seed=...")
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="also write a bar chart PNG here")
-def show(results, model, attack, target, defense, seed, plot) -> None:
-    """One cell's metrics and sample outputs, side by side per row."""
+def show(results, where, model, attack, target, defense, seed, plot) -> None:
+    """One cell's metrics and sample outputs, side by side per row.
+
+    Without filters it shows the one setting the records hold; when they hold several it says which
+    values exist (add --where KEY=VALUE to pick one)."""
     from bench import records, tables
 
     recs = records.load(Path(results))
-    flt = {"model": model, "attack": attack, "target": target, "defense": defense, "seed": seed}
+    if not recs:
+        raise BenchError(f"no records in {Path(results) / 'records.jsonl'}")
+    flt = _pairs(where, "--where")
+    for key, value in dict(model=model, attack=attack, target=target, defense=defense, seed=seed).items():
+        if value is None:
+            continue
+        if key in flt and str(flt[key]) != str(value):
+            raise BenchError(f"--{key} {value} contradicts --where {key}={flt[key]}")
+        flt[key] = value
+    known = set().union(*(set(_flat(r.get("spec") or {})) | set(r.get("spec") or {}) for r in recs)) | {"row"}
+    unknown = sorted(set(flt) - known)
+    if unknown:
+        raise BenchError(f"no record has spec field(s) {unknown} (fields: {', '.join(sorted(known))})")
+    selected = [r for r in recs if tables.matches(r, flt)]
+    if not selected:
+        have = "; ".join(f"{k} has {', '.join(_values(recs, k) if k != 'row' else sorted({str(r.get('row')) for r in recs}))}"
+                         for k in flt)
+        raise BenchError(f"no records match {' '.join(f'{k}={v}' for k, v in flt.items())} ({have})")
+    spread = _settings_spread(selected)
+    if spread:
+        raise BenchError(f"the {'selected ' if flt else ''}records hold several settings; pick one with --where: "
+                         + "; ".join(f"{k}={'|'.join(v)}" for k, v in spread.items()))
     click.echo(tables.show_cell(recs, lambda rel: records.read_outputs(Path(results), rel), flt))
     if plot:
         click.echo(str(tables.plot_cell(recs, Path(plot), flt)))
@@ -160,8 +275,31 @@ def triggers(out, attacks, seed, cache) -> None:
         click.echo(str(p))
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors with exit 2 for bad input, no traceback."""
+    """Entry point: one-line errors with exit 2 for bad input, no traceback.
+
+    When stderr is not a terminal (a log file, a pipe) progress bars are off, so a log holds one line
+    per stage and no bar redraws: TQDM_DISABLE is set here, before any command imports tqdm (tqdm >=
+    4.66 reads TQDM_* when it is imported, so nothing at this module's top may import it). An
+    explicit TQDM_DISABLE is left alone (empty = bars on; tqdm treats any non-empty value as true)."""
+    quiet_bars = not _isatty(sys.stderr) and "TQDM_DISABLE" not in os.environ
+    if quiet_bars:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        _main(argv)
+    finally:
+        if quiet_bars:
+            os.environ.pop("TQDM_DISABLE", None)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="bench", standalone_mode=False)
     except BenchError as e:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Mapping
 
 from core.errors import BenchError
 
 TRAINABLE = ("projector", "projector+lm", "all")
+SEED_LIMIT = 2 ** 32   # seeds are numpy / torch generator seeds: 0 <= seed < 2**32
 REMASKING = ("low_confidence", "random")
 DEFAULT_TEMPLATE = "<|user|> <image> {prompt} <|assistant|>"
 
@@ -22,6 +24,18 @@ class Decoding:
     block_length: int = 8
     remasking: str = "low_confidence"
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "gen_length", "block_length"):
+            _check_int(name, getattr(self, name), minimum=1)
+        if self.remasking not in REMASKING:
+            raise BenchError(f"unknown remasking {self.remasking!r} (valid: {', '.join(REMASKING)})")
+        if self.gen_length % self.block_length:
+            raise BenchError(f"gen_length {self.gen_length} must be a multiple of block_length {self.block_length}")
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise BenchError(f"steps {self.steps} must be a multiple of the number of blocks "
+                             f"(gen_length / block_length = {blocks})")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -31,6 +45,21 @@ class Recipe:
     lr: float = 1e-3
     epochs: int = 20
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
+                or self.lr <= 0:
+            raise BenchError(f"lr must be a positive number, got {self.lr!r}")
+        _check_int("epochs", self.epochs, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+
+
+def _check_int(name: str, value: Any, minimum: int, limit: int | None = None) -> None:
+    """An integer setting in [minimum, limit): a BenchError naming it otherwise."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum and (limit is None or value < limit)
+    if not ok:
+        bound = f">= {minimum}" if limit is None else f"in [{minimum}, {'2^32' if limit == 2 ** 32 else limit})"
+        raise BenchError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 def freeze(params: Mapping[str, Any] | None) -> tuple:
@@ -62,16 +91,14 @@ class RunSpec:
     defense_args: tuple = ()
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.poison_rate < 1.0:
+        if isinstance(self.poison_rate, bool) or not isinstance(self.poison_rate, (int, float)) \
+                or not 0.0 < self.poison_rate < 1.0:
             raise BenchError(f"poison rate must be in (0, 1), got {self.poison_rate}")
+        _check_int("seed", self.seed, minimum=0, limit=SEED_LIMIT)
         if self.trainable not in TRAINABLE:
             raise BenchError(f"unknown trainable parts {self.trainable!r} (valid: {', '.join(TRAINABLE)})")
-        if self.decoding.remasking not in REMASKING:
-            raise BenchError(f"unknown remasking {self.decoding.remasking!r} (valid: {', '.join(REMASKING)})")
-        if self.decoding.gen_length % self.decoding.block_length:
-            raise BenchError("gen_length must be a multiple of block_length")
-        if self.decoding.steps % (self.decoding.gen_length // self.decoding.block_length):
-            raise BenchError("steps must be a multiple of the number of blocks")
+        if not isinstance(self.recipe, Recipe) or not isinstance(self.decoding, Decoding):
+            raise BenchError("recipe and decoding must be Recipe and Decoding instances")
         if "{prompt}" not in self.prompt_template or "<image>" not in self.prompt_template:
             raise BenchError("prompt template must contain <image> and {prompt}")
 

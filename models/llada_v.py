@@ -81,7 +81,7 @@ class LLaDAV(nn.Module):
     def _prompt_ids(self, prompt: str, prompt_at: int | None = None) -> tuple[list[int], list[bool], list[int]]:
         """Template order (image, then prompt) unless `prompt_at` = k puts the prompt text before
         visual token k: the base mix varies the order like LLaVA-style data, so text has occupied the
-        positions where image tokens sit (TINY-REPLICAS.md §2: a base that reads instructions by content)."""
+        positions where image tokens sit (docs/tiny-replica.md#the-base-model: a base that reads instructions by content)."""
         try:
             words = self._mid + self.tok.encode(prompt)
         except ValueError as e:
@@ -167,8 +167,11 @@ class LLaDAV(nn.Module):
 
 
 def _resolve(scale: str, overrides: dict) -> dict:
+    if scale == "full":
+        raise BenchError("scale 'full' for llada-v needs the published LLaDA-V checkpoints, which this version "
+                         "cannot load yet (valid now: tiny, the embedded replica; see README 'Notes and known gaps')")
     if scale != "tiny":
-        raise BenchError(f"scale {scale!r} for llada-v arrives with the model zoo issue (valid now: tiny)")
+        raise BenchError(f"unknown scale {scale!r} for llada-v (valid: tiny)")
     valid = {f.name: f.type for f in fields(TinyConfig)}
     unknown = set(overrides) - set(valid)
     if unknown:
@@ -192,7 +195,8 @@ class LLaDAVEntry:
     def train_base(model: LLaDAV, task, seed: int, gen_length: int) -> dict:
         """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix."""
         cfg = model.cfg
-        mim = pretrain_mim(model.vision_tower, task.encoder_images(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+        # a writable copy: the task's images are read-only and torch.from_numpy warns on those
+        mim = pretrain_mim(model.vision_tower, np.array(task.encoder_images()), cfg.mim_epochs, seed, lr=cfg.mim_lr)
         rng = np.random.default_rng([seed, 41])
         samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})
                    if rng.random() < cfg.prompt_first_frac else s for s in task.base_samples()]

@@ -169,7 +169,8 @@ def test_killed_run_resumes_from_finished_stages(tmp_path, cache):
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "bench.cli", "run", "--results", str(results), "--target", "refusal"] + SMALL
     env = dict(os.environ, BENCH_CACHE=str(cache), PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"          # stderr to a file, as a newcomer's `bench run ... 2> log`
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     deadline = time.time() + 300
     while not list(cache.glob("clean/*/*/meta.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -178,8 +179,14 @@ def test_killed_run_resumes_from_finished_stages(tmp_path, cache):
     assert list(cache.glob("base/*/*/meta.json")), "base stage should have finished before the kill"
     assert not (results / "records.jsonl").exists() or all(
         json.loads(line) for line in (results / "records.jsonl").read_text().splitlines())
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    # the logs of a cold run (base training included): stage lines, no bar redraws, no warnings
+    for text in (log.read_bytes(), done.stderr):
+        assert b"\r" not in text and b"it/s" not in text, text[-2000:]
+        assert b"Warning" not in text and b"not writable" not in text, text[-2000:]
+    first = log.read_text()
+    assert first.count("] computing") == len({line for line in first.splitlines() if "] computing" in line}) >= 2
     recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
     assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
     # the finished stages are reused, not retrained (base is not even loaded once clean is cached)
@@ -267,3 +274,182 @@ def test_triggers_gallery(tmp_path, cache, capsys):
 def test_triggers_unknown_attack_exits_2(tmp_path, cache, capsys):
     code, _, err = bench(["triggers", "--out", str(tmp_path / "g"), "--attack", "nope"], capsys)
     assert code == 2 and "unknown attack 'nope'" in err and not (tmp_path / "g").exists()
+
+
+# ---------------------------------------------------------------------------- list --args, help, logs
+
+@pytest.mark.parametrize("name, lines", [
+    ("badnets", ["attack badnets", "--attack-arg size=0.125", "--attack-arg position=top-left", "--attack-arg color=black"]),
+    ("wanet", ["--attack-arg k=4", "--attack-arg s=0.5", "--attack-arg cross_ratio=2.0"]),
+    ("misclassification", ["target misclassification", "--target-arg source=dog", "--target-arg target=boat"]),
+    ("disp", ["defense disp", "--defense-arg mask_ratio=0.3", "--defense-arg n_probes=6"]),
+    ("none", ["defense none", "(no args)"]),
+    ("llada-v", ["model llada-v (scale tiny)", "--model-arg d_model=96", "--model-arg base_epochs=18"]),
+    ("synthetic", ["task synthetic", "--task-arg n_pool=1000", "--task-arg n_test=200"]),
+])
+def test_list_args_shows_every_key_with_its_default(name, lines, capsys):
+    code, out, err = bench(["list", "--args", name], capsys)
+    assert code == 0, err
+    for line in lines:
+        assert line in out, out
+
+
+def test_list_args_covers_every_config_field(capsys):
+    import dataclasses
+
+    from core import registry
+    for kind, flag in (("attacks", "attack"), ("targets", "target"), ("defenses", "defense")):
+        for name in registry.names(kind):
+            cfg = registry.get(kind, name).Config
+            code, out, _ = bench(["list", "--args", name], capsys)
+            assert code == 0
+            for f in dataclasses.fields(cfg):
+                assert f"--{flag}-arg {f.name}=" in out, (name, f.name)
+
+
+def test_list_args_unknown_name_exits_2(capsys):
+    code, _, err = bench(["list", "--args", "nope"], capsys)
+    assert code == 2 and err.startswith("bench: error: unknown name 'nope' (valid: badnets")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_run_help_points_to_list_args(capsys):
+    code, out, _ = bench(["run", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    for kind in ("ATTACK", "TARGET", "DEFENSE", "MODEL", "TASK"):
+        assert f"bench list --args {kind}" in text
+
+
+BARS = """
+import click, sys
+from bench.cli import cli, main
+assert "tqdm" not in sys.modules, "importing bench.cli must not import tqdm (it reads TQDM_* at import)"
+
+@cli.command("bars")
+def bars():
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(200), desc="a bar"):
+        pass
+    click.echo("[stage] computing", err=True)
+
+main(["bars"])
+"""
+
+
+@pytest.mark.parametrize("env, bars", [({}, False), ({"TQDM_DISABLE": ""}, True)], ids=["default", "explicit-on"])
+def test_no_progress_bars_when_stderr_is_not_a_terminal(env, bars):
+    """A log (stderr a pipe) gets the stage lines and no tqdm redraws; an explicit TQDM_DISABLE wins."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    done = subprocess.run([sys.executable, "-c", BARS], env={**base, **env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if bars:
+        assert "a bar: 100%" in done.stderr
+    else:
+        assert done.stderr == "[stage] computing\n"
+
+
+def test_bar_setting_does_not_outlive_main(capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    code, _, _ = bench(["list"], capsys)
+    assert code == 0 and "TQDM_DISABLE" not in os.environ
+
+
+# ---------------------------------------------------------------------------- show / leaderboard on records
+
+def _record(results: Path, row: str, cp: float, **spec_changes) -> None:
+    """One record of the shape `bench run` writes (only the fields show / leaderboard read)."""
+    from bench import records
+    from bench.spec import RunSpec
+
+    spec = RunSpec().to_dict()
+    for key, value in spec_changes.items():
+        if key.endswith("_args"):
+            spec[key] = dict(value)
+        else:
+            spec[key] = value
+    spec.setdefault("attack_args", {})
+    run_id = f"r{abs(hash((row, cp, json.dumps(spec, sort_keys=True)))) % 10 ** 8}"
+    rows = [{"id": str(i), "output": f"{row} says {i}", "triggered": t, "prompt": "describe the image",
+             "verdicts": {"asr": t and row == "backdoored"}} for i in range(3) for t in (False, True)]
+    out = records.write_outputs(results, run_id, rows)
+    metric = lambda v: {"value": v, "ci": [max(0.0, v - 5), min(100.0, v + 5)]}
+    records.append(results, {"run_id": run_id, "created": "2026-01-01T00:00:00+00:00", "spec": spec, "row": row,
+                             "metrics": {"cp": metric(cp), "asr_wo": metric(0.0), "asr_wt": metric(50.0)},
+                             "outputs": str(out)})
+
+
+def _cell(results: Path, cp: float, **spec_changes) -> None:
+    for i, row in enumerate(("clean", "backdoored", "disp")):
+        _record(results, row, cp + i, **spec_changes)
+
+
+def test_show_defaults_to_the_one_setting_the_records_hold(tmp_path, capsys):
+    results = tmp_path / "results"
+    _cell(results, 61.0, attack_args={"size": 0.125, "position": "top-left", "color": "black"})
+    _cell(results, 61.0, attack_args={"size": 0.125, "position": "top-left", "color": "black"})  # a rerun
+    code, out, err = bench(["show", "--results", str(results)], capsys)
+    assert code == 0, err
+    assert "61.00" in out and "DiSP" in out and "Backdoored" in out and "Sample outputs" in out
+
+
+def test_show_filters_by_any_spec_field_and_names_the_values_that_exist(tmp_path, capsys):
+    results = tmp_path / "results"
+    base = {"position": "top-left", "color": "black"}
+    _cell(results, 10.0, poison_rate=0.2, attack_args={"size": 0.125, **base})
+    _cell(results, 20.0, poison_rate=0.2, attack_args={"size": 0.25, **base})
+    _cell(results, 30.0, poison_rate=0.1, attack_args={"size": 0.25, **base})
+
+    code, _, err = bench(["show", "--results", str(results)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "attack_args.size=0.125|0.25" in err and "poison_rate=0.1|0.2" in err and "--where" in err
+
+    code, out, err = bench(["show", "--results", str(results), "--where", "poison_rate=0.2",
+                            "--where", "attack_args.size=0.25"], capsys)
+    assert code == 0, err
+    assert "20.00" in out and "10.00" not in out and "30.00" not in out
+
+    code, out, err = bench(["show", "--results", str(results), "--where", "poison_rate=0.1"], capsys)
+    assert code == 0, err and "30.00" in out
+
+    code, _, err = bench(["show", "--results", str(results), "--where", "poison_rate=0.2"], capsys)
+    assert code == 2 and "selected records hold several settings" in err and "attack_args.size=0.125|0.25" in err
+    assert "poison_rate" not in err
+
+    code, _, err = bench(["show", "--results", str(results), "--where", "poison_rate=0.3"], capsys)
+    assert code == 2 and "no records match poison_rate=0.3 (poison_rate has 0.1, 0.2)" in err
+
+    code, _, err = bench(["show", "--results", str(results), "--where", "colour=red"], capsys)
+    assert code == 2 and "no record has spec field(s) ['colour']" in err
+
+    code, _, err = bench(["show", "--results", str(results), "--where", "poison_rate"], capsys)
+    assert code == 2 and "--where must be key=value" in err
+
+    code, _, err = bench(["show", "--results", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no records in" in err
+
+
+def test_show_lists_differing_methods_without_their_args(tmp_path, capsys):
+    results = tmp_path / "results"
+    _cell(results, 10.0, attack="badnets", attack_args={"size": 0.125})
+    _cell(results, 20.0, attack="wanet", attack_args={"k": 4, "s": 0.5})
+    code, _, err = bench(["show", "--results", str(results)], capsys)
+    assert code == 2 and "attack=badnets|wanet" in err and "attack_args" not in err
+    code, out, err = bench(["show", "--results", str(results), "--attack", "wanet"], capsys)
+    assert code == 0 and "20.00" in out
+    code, _, err = bench(["show", "--results", str(results), "--attack", "wanet", "--where", "attack=badnets"], capsys)
+    assert code == 2 and "contradicts" in err
+
+
+def test_leaderboard_writes_next_to_the_results_by_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "res"
+    _cell(results, 50.0, attack_args={"size": 0.125})
+    code, out, err = bench(["leaderboard", "--results", str(results)], capsys)
+    assert code == 0, err
+    written = files_under(results / "leaderboards")
+    assert any(p.suffix == ".md" for p in written) and any(p.suffix == ".csv" for p in written)
+    assert not (tmp_path / "leaderboards").exists()
+    code, _, err = bench(["leaderboard", "--results", str(results), "--out", str(tmp_path / "board")], capsys)
+    assert code == 0, err and files_under(tmp_path / "board")

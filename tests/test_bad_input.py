@@ -1,0 +1,118 @@
+"""Bad input to `bench run` is refused before any work: exit 2, one line, nothing written.
+
+Every case runs `bench.cli.main` in-process with tmp results and cache dirs, and with the artifact
+cache's compute step replaced by a tripwire: a case the CLI fails to refuse up front raises
+`WorkStarted` at the first stage instead of training for minutes, so the whole table stays cheap.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.cache import ArtifactCache
+from bench.cli import main
+from bench.spec import Decoding, Recipe, RunSpec
+from core.errors import BenchError
+
+
+class WorkStarted(Exception):
+    """A stage began computing: the input was not refused before work."""
+
+
+def _pending(reason: str):
+    """A bad input found but not yet refused up front (work starts, or a traceback)."""
+    return pytest.mark.xfail(strict=False, reason=reason)
+
+# (extra `bench run` args, extra environment, a piece of the expected message or None)
+CASES = [
+    # decoding (bench/spec.py Decoding)
+    pytest.param(["--gen-length", "0"], {}, "gen_length must be an integer >= 1, got 0", id="gen-length-0"),
+    pytest.param(["--gen-length", "-8"], {}, "gen_length must be an integer >= 1, got -8", id="gen-length-negative"),
+    pytest.param(["--block-length", "0"], {}, "block_length must be an integer >= 1, got 0", id="block-length-0"),
+    pytest.param(["--steps", "0"], {}, "steps must be an integer >= 1, got 0", id="steps-0"),
+    pytest.param(["--steps", "5"], {}, "steps 5 must be a multiple of the number of blocks", id="steps-not-multiple"),
+    pytest.param(["--gen-length", "30"], {}, "gen_length 30 must be a multiple of block_length 8", id="gen-length-ragged"),
+    pytest.param(["--remasking", "greedy"], {}, "unknown remasking 'greedy' (valid: low_confidence, random)",
+                 id="remasking-unknown"),
+    # seed (RunSpec)
+    pytest.param(["--seed", "-1"], {}, "seed must be an integer in [0, 2^32), got -1", id="seed-negative"),
+    pytest.param(["--seed", str(2 ** 32)], {}, "seed must be an integer in [0, 2^32)", id="seed-too-large"),
+    pytest.param(["--seed", "one"], {}, "'one' is not a valid integer", id="seed-not-int"),
+    # victim recipe (Recipe)
+    pytest.param(["--epochs", "0"], {}, "epochs must be an integer >= 1, got 0", id="epochs-0"),
+    pytest.param(["--epochs", "-3"], {}, "epochs must be an integer >= 1, got -3", id="epochs-negative"),
+    pytest.param(["--lr", "-1"], {}, "lr must be a positive number, got -1", id="lr-negative"),
+    pytest.param(["--lr", "0"], {}, "lr must be a positive number, got 0", id="lr-0"),
+    pytest.param(["--lr", "nan"], {}, "lr must be a positive number, got nan", id="lr-nan"),
+    pytest.param(["--lr", "inf"], {}, "lr must be a positive number, got inf", id="lr-inf"),
+    pytest.param(["--poison-rate", "nan"], {}, "poison rate must be in (0, 1)", id="poison-rate-nan"),
+    # model / scale
+    pytest.param(["--scale", "full"], {}, "scale 'full' for llada-v needs the published LLaDA-V checkpoints",
+                 id="scale-full"),
+    pytest.param(["--scale", "huge"], {}, "unknown scale 'huge' for llada-v (valid: tiny)", id="scale-unknown"),
+    pytest.param(["--model-arg", "n_heads=5"], {}, "multiples of their head counts", id="model-heads-indivisible"),
+    pytest.param(["--model-arg", "enc_layers=1"], {}, "enc_layers must be >= 2", id="model-enc-layers-1"),
+    pytest.param([], {"BENCH_THREADS": "0"}, "BENCH_THREADS must be a positive integer", id="threads-0"),
+    # need the task: the pipeline's pre-flight (Cell construction)
+    pytest.param(["--target", "misclassification", "--target-arg", "source=zebra"], {}, "zebra",
+                 id="target-source-not-a-category"),
+    pytest.param(["--attack", "wanet", "--poison-rate", "0.4"], {}, "cross", id="wanet-no-room-for-cross-samples"),
+    pytest.param(["--poison-rate", "1e-4"], {}, "poisons no sample", id="poison-rate-poisons-nothing"),
+    # found while writing this table; not refused up front yet (owners: see reason)
+    pytest.param(["--model-arg", "d_model=0"], {}, None, id="model-d-model-0",
+                 marks=_pending("TinyConfig (models/llada_v.py) checks divisibility, not positive sizes")),
+    pytest.param(["--model-arg", "base_epochs=0"], {}, None, id="model-base-epochs-0",
+                 marks=_pending("TinyConfig (models/llada_v.py) does not check the base recipe")),
+    pytest.param(["--model-arg", "base_lr=-1"], {}, None, id="model-base-lr-negative",
+                 marks=_pending("TinyConfig (models/llada_v.py) does not check the base recipe")),
+    pytest.param(["--task-arg", "n_pool=0"], {}, None, id="task-empty-pool",
+                 marks=_pending("tasks/synthetic.py does not check split sizes (ZeroDivisionError)")),
+    pytest.param(["--task-arg", "n_test=-1"], {}, None, id="task-negative-split",
+                 marks=_pending("tasks/synthetic.py does not check split sizes (ValueError)")),
+    pytest.param(["--defense-arg", "n_probes=0"], {}, None, id="disp-no-probes",
+                 marks=_pending("DiSPConfig (defenses/disp.py) does not check n_probes")),
+    pytest.param(["--defense-arg", "batch_size=0"], {}, None, id="disp-batch-0",
+                 marks=_pending("DiSPConfig (defenses/disp.py) does not check batch_size")),
+    pytest.param(["--gen-length", "8", "--block-length", "8", "--steps", "8"], {}, None, id="gen-length-too-short",
+                 marks=_pending("responses longer than gen_length surface in base training; needs a pipeline pre-flight")),
+]
+
+
+def files_under(p: Path) -> list[Path]:
+    return sorted(x for x in p.rglob("*") if x.is_file()) if p.exists() else []
+
+
+@pytest.mark.parametrize("args, env, needle", CASES)
+def test_bad_input_is_refused_before_any_work(args, env, needle, tmp_path, monkeypatch, capsys):
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    monkeypatch.setenv("BENCH_CACHE", str(cache))
+    monkeypatch.setenv("BENCH_THREADS", "1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    def tripwire(self, stage, key, compute, meta):
+        raise WorkStarted(f"stage {stage!r} started computing: the input was not refused up front")
+
+    monkeypatch.setattr(ArtifactCache, "get_or_compute", tripwire)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--results", str(results), "--cache", str(cache)] + args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2, err
+    assert "Traceback" not in err + out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench: error:"), err
+    if needle:
+        assert needle in lines[0]
+    assert files_under(results) == [] and files_under(cache) == []
+    assert not (results / "records.jsonl").exists()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Recipe(batch_size=0), lambda: Recipe(batch_size=-32), lambda: Recipe(epochs=2.5),
+    lambda: Recipe(lr=True), lambda: Decoding(steps=4.0), lambda: RunSpec(seed=True),
+    lambda: RunSpec(poison_rate="0.2"),
+], ids=["batch-0", "batch-negative", "epochs-float", "lr-bool", "steps-float", "seed-bool", "poison-rate-str"])
+def test_spec_refuses_settings_the_cli_does_not_expose(make):
+    with pytest.raises(BenchError):
+        make()
