@@ -148,6 +148,12 @@ class Cell:
             except ValueError as e:
                 raise BenchError(f"{what}: {e}") from None
         pool = self.task.pool()
+        responses = [x.response for x in self.task.base_samples() + pool]
+        responses += [self.target.rewrite(x) for x in pool if self.target.eligible(x)]
+        longest = max(len(self.tok.encode(r)) for r in responses)
+        if longest + 1 > self.spec.decoding.gen_length:      # every answer ends with <eos>
+            raise BenchError(f"gen_length {self.spec.decoding.gen_length} cannot hold the longest training response "
+                             f"({longest} tokens + <eos>); use --gen-length {longest + 1} or more")
         n = int(round(self.spec.poison_rate * len(pool)))
         if n == 0:
             raise BenchError(f"poison rate {self.spec.poison_rate:g} poisons no sample of the {len(pool)}-sample pool "
@@ -358,8 +364,8 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
              log: Callable[[str], None] = print) -> list[dict]:
     """Run (or resume) every stage of a cell and append its records (one per row, one locked write)."""
     results_dir = Path(results_dir)
+    cell = Cell(spec, cache or ArtifactCache(), log)      # pre-flight: bad input stops here, nothing written
     records.check_writable(results_dir)
-    cell = Cell(spec, cache or ArtifactCache(), log)
     cell.verify_cached()
     cell.run_stages()
     cell.fitted_trigger()                       # its fit report, also when every stage was cached

@@ -55,7 +55,9 @@ def _imports(path: Path) -> set[str]:
 
 
 def closure(paths: list[Path], root: Path) -> list[Path]:
-    """``paths`` and every in-repo module they import, transitively; sorted, relative to ``root``."""
+    """``paths`` and every in-repo module they import, transitively; sorted, relative to ``root``
+    (a method from another package keeps its absolute path; its own imports outside this repo are
+    covered by the versions it runs with, not hashed)."""
     seen: set[Path] = set()
     todo = [Path(p).resolve() for p in paths]
     while todo:
@@ -70,7 +72,8 @@ def closure(paths: list[Path], root: Path) -> list[Path]:
             pkg_init = module_file(name.split(".")[0], root)
             if pkg_init is not None:
                 todo.append(pkg_init.resolve())
-    return sorted(p.relative_to(root.resolve()) for p in seen)
+    root = root.resolve()
+    return sorted((p.relative_to(root) if p.is_relative_to(root) else p for p in seen), key=str)
 
 
 def _path_of(obj, root: Path) -> Path:

@@ -43,6 +43,11 @@ class DiSPConfig:
             raise BenchError(f"disp mask {self.mask!r} (valid: {', '.join(MASK_MODES)})")
         if not 0 <= self.mask_ratio < 1:
             raise BenchError(f"disp mask_ratio {self.mask_ratio} must be in [0, 1)")
+        for name in ("n_probes", "top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"disp {name} must be >= 1, got {getattr(self, name)}")
+        if not self.recovery_frac >= 0:
+            raise BenchError(f"disp recovery_frac must be >= 0, got {self.recovery_frac}")
 
 
 def _first_block_topk(model, batch: Batch, visual: torch.Tensor, block_length: int, gen_length: int, top_k: int):

@@ -49,6 +49,17 @@ class TinyConfig:
     masked_visual_max: float = 0.5   # ... each masking a uniform 0..max share of the visual tokens
 
     def __post_init__(self):
+        sizes = ("image_size", "patch", "enc_dim", "enc_layers", "enc_heads", "d_model", "n_layers", "n_heads",
+                 "mlp_hidden", "max_prompt", "mim_epochs", "base_epochs", "base_batch")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise BenchError(f"model arg {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mim_lr", "base_lr"):
+            if not getattr(self, name) > 0:
+                raise BenchError(f"model arg {name} must be > 0, got {getattr(self, name)}")
+        for name in ("prompt_first_frac", "masked_visual_frac", "masked_visual_max"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise BenchError(f"model arg {name} must be in [0, 1], got {getattr(self, name)}")
         if self.enc_layers < 2:
             raise BenchError("enc_layers must be >= 2 (features are read from the second-to-last block)")
         if self.image_size % self.patch or self.d_model % self.n_heads or self.enc_dim % self.enc_heads:

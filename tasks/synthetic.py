@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from core.errors import BenchError
 from core.registry import register
 from tasks.base import Sample
 
@@ -539,6 +540,11 @@ class SyntheticTask:
         self.n_base, self.n_pool, self.n_test = int(n_base), int(n_pool), int(n_test)
         self.n_mc, self.n_encoder = int(n_mc), int(n_encoder)
         self.pool_dog_fraction = float(pool_dog_fraction)
+        for name in ("n_base", "n_pool", "n_test", "n_mc", "n_encoder"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"task arg {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.pool_dog_fraction <= 1:
+            raise BenchError(f"task arg pool_dog_fraction must be in [0, 1], got {self.pool_dog_fraction}")
         self._cache: dict[str, object] = {}
         self._tokenizer: Tokenizer | None = None
 

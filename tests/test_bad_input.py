@@ -20,10 +20,6 @@ class WorkStarted(Exception):
     """A stage began computing: the input was not refused before work."""
 
 
-def _pending(reason: str):
-    """A bad input found but not yet refused up front (work starts, or a traceback)."""
-    return pytest.mark.xfail(strict=False, reason=reason)
-
 # (extra `bench run` args, extra environment, a piece of the expected message or None)
 CASES = [
     # decoding (bench/spec.py Decoding)
@@ -59,23 +55,15 @@ CASES = [
                  id="target-source-not-a-category"),
     pytest.param(["--attack", "wanet", "--poison-rate", "0.4"], {}, "cross", id="wanet-no-room-for-cross-samples"),
     pytest.param(["--poison-rate", "1e-4"], {}, "poisons no sample", id="poison-rate-poisons-nothing"),
-    # found while writing this table; not refused up front yet (owners: see reason)
-    pytest.param(["--model-arg", "d_model=0"], {}, None, id="model-d-model-0",
-                 marks=_pending("TinyConfig (models/llada_v.py) checks divisibility, not positive sizes")),
-    pytest.param(["--model-arg", "base_epochs=0"], {}, None, id="model-base-epochs-0",
-                 marks=_pending("TinyConfig (models/llada_v.py) does not check the base recipe")),
-    pytest.param(["--model-arg", "base_lr=-1"], {}, None, id="model-base-lr-negative",
-                 marks=_pending("TinyConfig (models/llada_v.py) does not check the base recipe")),
-    pytest.param(["--task-arg", "n_pool=0"], {}, None, id="task-empty-pool",
-                 marks=_pending("tasks/synthetic.py does not check split sizes (ZeroDivisionError)")),
-    pytest.param(["--task-arg", "n_test=-1"], {}, None, id="task-negative-split",
-                 marks=_pending("tasks/synthetic.py does not check split sizes (ValueError)")),
-    pytest.param(["--defense-arg", "n_probes=0"], {}, None, id="disp-no-probes",
-                 marks=_pending("DiSPConfig (defenses/disp.py) does not check n_probes")),
-    pytest.param(["--defense-arg", "batch_size=0"], {}, None, id="disp-batch-0",
-                 marks=_pending("DiSPConfig (defenses/disp.py) does not check batch_size")),
-    pytest.param(["--gen-length", "8", "--block-length", "8", "--steps", "8"], {}, None, id="gen-length-too-short",
-                 marks=_pending("responses longer than gen_length surface in base training; needs a pipeline pre-flight")),
+    # method configs and the task's sizes
+    pytest.param(["--model-arg", "d_model=0"], {}, "model arg d_model must be >= 1, got 0", id="model-d-model-0"),
+    pytest.param(["--model-arg", "base_epochs=0"], {}, "model arg base_epochs must be >= 1, got 0", id="model-base-epochs-0"),
+    pytest.param(["--model-arg", "base_lr=-1"], {}, "model arg base_lr must be > 0, got -1.0", id="model-base-lr-negative"),
+    pytest.param(["--task-arg", "n_pool=0"], {}, "task arg n_pool must be >= 1, got 0", id="task-empty-pool"),
+    pytest.param(["--task-arg", "n_test=-1"], {}, "task arg n_test must be >= 1, got -1", id="task-negative-split"),
+    pytest.param(["--defense-arg", "n_probes=0"], {}, "disp n_probes must be >= 1, got 0", id="disp-no-probes"),
+    pytest.param(["--defense-arg", "batch_size=0"], {}, "disp batch_size must be >= 1, got 0", id="disp-batch-0"),
+    pytest.param(["--gen-length", "8", "--block-length", "8", "--steps", "8"], {}, "gen_length 8 cannot hold the longest training response (26 tokens + <eos>)", id="gen-length-too-short"),
 ]
 
 
