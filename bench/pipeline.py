@@ -173,16 +173,18 @@ class Cell:
         label = label or name
         if (name, key) in self._memo:
             return self._memo[(name, key)]
-        hit = self.cache.has(name, key)
-        t0 = time.perf_counter()
-        if not hit:
+        computed: list[float] = []
+
+        def run() -> Any:          # called only when this process computes it (not when another did)
             self._announce(label, key)
+            computed.append(time.perf_counter())
+            return compute()
         meta = lambda obj: {"stage": name, "spec": self.spec.to_dict(), "provenance": provenance(),
                             "info": obj.get("info", obj.get("report")) if isinstance(obj, dict) else None}
-        art = self.cache.get_or_compute(name, key, compute, meta)
-        elapsed = time.perf_counter() - t0
+        art = self.cache.get_or_compute(name, key, run, meta)
         self.timings.setdefault(label, 0.0)
-        if not hit:
+        if computed:
+            elapsed = time.perf_counter() - computed[0]
             self.timings[label] = round(elapsed, 2)
             self._spent_expected += self._expected(label)
             self.log(f"[{self._step(label)}] done in {_fmt_s(elapsed)}")
