@@ -27,13 +27,30 @@ trained on; images whose label is already the target excluded), measured on the 
 
 Deviations, all measured on the synthetic pool (1,000 images, one CPU thread) and all to keep the
 default fit under ~3 minutes (the reference runs 25 mask + 600 joint epochs on 50k images, on a GPU):
-- epochs: mask_epochs 10 (reference 25), epochs 100 (reference 600). The mask lr milestones
-  (reference: epochs 10 and 20 of 25, x0.1) are scaled to 40% / 80% of mask_epochs; G and the
-  surrogate take one x0.1 lr step at 80% of the joint epochs (reference: steps from epoch 100 / 200
-  of 600), which steadies the final surrogate the criterion is read from.
-- mask_batch_size 32 (reference 128): 4x the optimizer steps per mask epoch. With 128, 10 mask epochs
-  left densities of 0.05-0.13 depending on the seed (outside the criterion for some); with 32,
-  0.034-0.036.
+- the mask stage is counted in optimizer steps, mask_steps 300 (reference: 25 epochs of 50k images at
+  batch 128, ~9,800 steps), with the reference's two x0.1 lr steps (epochs 10 and 20 of 25) at 40 % /
+  80 % of mask_steps. It was 10 epochs, which made the number of updates depend on the pool size: a
+  300-image pool got 120 steps (48 at lr 0.01), and whether the density reached the band depended on
+  where the noisy lr-0.01 phase happened to leave it, not on the loss (see the next item).
+- M's output BatchNorm shift starts at Phi^-1(mask_density) (-1.85 for 0.032; PyTorch's default is 0),
+  the prior-probability initialisation of a sparse output (as for RetinaNet's classifier): the
+  thresholded mask starts at about mask_density (0.03-0.05 measured) instead of ~0.3-0.4. From the
+  default start the lr-0.01 phase swings the density between 0.1 and 0.5 and the thresholded pixels
+  that are saturated "on" get no gradient from the norm term, so the lr-0.001 phase never pulled it
+  back: 300 steps on a 300-image pool ended at 0.055 / 0.044 / 0.091 for seeds 0 / 1 / 2, and 120
+  steps (the old 15 epochs) at 0.160 (seed 0, what CI saw). With the prior start: see MEASURED below.
+  Nothing about the trigger's location or shape is given; the norm and diversity terms decide those,
+  and the density too: one step from the prior start leaves 0.002-0.0035, and 300 steps without the
+  norm term (lambda_norm 0) end at 0.098, both outside the band.
+  MEASURED with both changes (300 steps, the reduced fit of tests/test_inputaware.py: 300-image pool,
+  16 px, one thread; band [0.016, 0.064]): seeds 0-5 in float32 0.029 / 0.028 / 0.032 / 0.041 /
+  0.028 / 0.035; seeds 0 / 3 in float64 (other arithmetic, other trajectories) 0.027 / 0.025. The
+  default fit (1,000 images, 32 px): see README / the fit report.
+- joint epochs 100 (reference 600). G and the surrogate take one x0.1 lr step at 80% of the joint
+  epochs (reference: steps from epoch 100 / 200 of 600), which steadies the final surrogate the
+  criterion is read from.
+- mask_batch_size 32 (reference 128): more optimizer steps per image seen (with 128 and 10 mask
+  epochs, densities of 0.05-0.13 depending on the seed).
 - p_cross 0.0 in the surrogate's batches (reference 0.1). With 10% cross samples the surrogate never
   learned to tell its own trigger from another image's within any affordable budget: its training
   accuracies on poisoned and on cross samples summed to ~1.0 for 120 joint epochs, and still did
@@ -60,6 +77,7 @@ default fit under ~3 minutes (the reference runs 25 mask + 600 joint epochs on 5
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -80,9 +98,10 @@ EPSILON = 1e-7
 
 @dataclass(frozen=True)
 class InputAwareConfig:
-    """Reference values except (see the module docstring for the measurements): mask_epochs 10
-    (reference 25) and epochs 100 (reference 600), so the default fit stays under ~3 min on one CPU
-    thread at 1,000 images; mask_batch_size 32 (reference 128: too few steps for 10 epochs); p_cross
+    """Reference values except (see the module docstring for the measurements): mask_steps 300
+    optimizer steps (reference 25 epochs, ~9,800 steps) from a prior-initialised mask output, and
+    epochs 100 (reference 600), so the default fit stays under ~3 min on one CPU thread at 1,000
+    images; mask_batch_size 32 (reference 128); p_cross
     0.0 in the surrogate's batches (reference 0.1: the surrogate could not separate own from cross
     triggers in the budget, which made its ASR a coin flip). Criterion: density within
     x/÷ density_factor of mask_density, held-out surrogate ASR >= min_asr (0.8: see the module
@@ -92,7 +111,7 @@ class InputAwareConfig:
     mask_density: float = 0.032    # target mean of the thresholded mask
     lambda_norm: float = 100.0     # weight of relu(mean(mask) - mask_density), per image
     lambda_div: float = 1.0        # weight of the diversity loss (both stages)
-    mask_epochs: int = 10          # mask stage (reference: 25)
+    mask_steps: int = 300          # mask stage, in optimizer steps (reference: 25 epochs, ~9,800 steps)
     epochs: int = 100              # joint G + surrogate stage (reference: 600)
     lr: float = 0.01               # Adam lr of G and M, betas (0.5, 0.9)
     surrogate_lr: float = 1e-3     # Adam lr of the surrogate classifier
@@ -117,7 +136,7 @@ class InputAwareConfig:
         for name in ("lambda_norm", "lambda_div", "cross_ratio"):
             if getattr(self, name) < 0:
                 bad(f"{name} {getattr(self, name)} must be >= 0")
-        for name in ("mask_epochs", "epochs", "batch_size", "mask_batch_size"):
+        for name in ("mask_steps", "epochs", "batch_size", "mask_batch_size"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 bad(f"{name} {getattr(self, name)} must be a positive integer")
         if self.batch_size < 4 or self.mask_batch_size < 4:
@@ -287,17 +306,21 @@ class InputAware(Trigger):
                 "report": report}
 
     def _fit_mask(self, x: torch.Tensor, g: torch.Generator) -> tuple[EncoderDecoder, float]:
-        """Stage 1: M alone, lambda_div * diversity + lambda_norm * relu(mean(mask) - density) per image."""
+        """Stage 1: M alone, lambda_div * diversity + lambda_norm * relu(mean(mask) - density) per image,
+        for `mask_steps` optimizer steps (lr x0.1 at 40 % and 80 % of them); M's output BatchNorm shift
+        starts at the prior Phi^-1(mask_density) (see the module docstring)."""
         cfg = self.cfg
         M = EncoderDecoder(out_channels=1)
+        with torch.no_grad():
+            M[-1][1].bias.fill_(NormalDist().inv_cdf(cfg.mask_density))
         opt = torch.optim.Adam(M.parameters(), cfg.lr, betas=(0.5, 0.9))
-        milestones = sorted({max(1, round(cfg.mask_epochs * f)) for f in (0.4, 0.8)} - {cfg.mask_epochs})
+        milestones = sorted({max(1, round(cfg.mask_steps * f)) for f in (0.4, 0.8)} - {cfg.mask_steps})
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
         M.train()
-        loss_avg = float("nan")
-        bar = tqdm(range(cfg.mask_epochs), desc="inputaware mask", leave=False)
-        for _ in bar:
-            total, count, dens = 0.0, 0, 0.0
+        losses: list[float] = []
+        dens: list[float] = []
+        bar = tqdm(total=cfg.mask_steps, desc="inputaware mask", leave=False)
+        while len(losses) < cfg.mask_steps:
             for idx in self._batches(len(x), cfg.mask_batch_size, g):
                 xb = x[idx]
                 masks = M.threshold(M(xb))
@@ -306,12 +329,17 @@ class InputAware(Trigger):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total, count = total + loss.item() * len(idx), count + len(idx)
-                dens += masks.detach().mean().item() * len(idx)
-            sched.step()
-            loss_avg = total / count
-            bar.set_postfix(loss=f"{loss_avg:.3f}", density=f"{dens / count:.4f}")
-        return M, loss_avg
+                sched.step()
+                losses.append(loss.item())
+                dens.append(masks.detach().mean().item())
+                bar.update()
+                if len(losses) % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", density=f"{np.mean(dens[-10:]):.4f}")
+                if len(losses) == cfg.mask_steps:
+                    break
+        bar.close()
+        # the reported loss: mean over the last (up to) 10 % of the steps
+        return M, float(np.mean(losses[-max(1, cfg.mask_steps // 10):]))
 
     def _fit_joint(self, x, y, masks, target, g):
         """Stage 2: G and the surrogate; M frozen (its thresholded masks precomputed)."""
