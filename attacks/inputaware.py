@@ -45,7 +45,8 @@ default fit under ~3 minutes (the reference runs 25 mask + 600 joint epochs on 5
   MEASURED with both changes (300 steps, the reduced fit of tests/test_inputaware.py: 300-image pool,
   16 px, one thread; band [0.016, 0.064]): seeds 0-5 in float32 0.029 / 0.028 / 0.032 / 0.041 /
   0.028 / 0.035; seeds 0 / 3 in float64 (other arithmetic, other trajectories) 0.027 / 0.025. The
-  default fit (1,000 images, 32 px): see README / the fit report.
+  default fit (`bench triggers`, 900 fit images, 32 px, one thread, cold cache): seed 0 density
+  0.0262, surrogate ASR 1.00; seed 1 0.0275, ASR 0.96 (was 0.035-0.036 with 10 mask epochs).
 - joint epochs 100 (reference 600). G and the surrogate take one x0.1 lr step at 80% of the joint
   epochs (reference: steps from epoch 100 / 200 of 600), which steadies the final surrogate the
   criterion is read from.
