@@ -14,10 +14,10 @@ from core.errors import BenchError
 from tasks.synthetic import SyntheticTask
 
 # A reduced fit: 16-px fit resolution, 300 images, the default 300 mask steps, few joint epochs. The
-# ASR criterion is off (a few epochs do not install a backdoor); the density criterion is the default
-# one (x/÷ 2: [0.016, 0.064]), and the fit lands well inside it: 0.028-0.041 measured for seeds 0-5
-# (one thread, float32), and for seeds 0 / 3 with float64 and with two threads (attacks/inputaware.py).
-SMALL = dict(size=16, mask_steps=300, epochs=4, batch_size=32, mask_batch_size=32, min_asr=0.0)
+# ASR criterion is off (a few epochs do not install a backdoor); the density criterion is real, with
+# the band x/÷ 3 ([0.0107, 0.096]) as before: one thread, float32, seeds 0-5 measured 0.028-0.041,
+# float64 seeds 0 / 3 0.027 / 0.025, but two threads seed 0 0.075, outside the default x/÷ 2.
+SMALL = dict(size=16, mask_steps=300, epochs=4, batch_size=32, mask_batch_size=32, min_asr=0.0, density_factor=3.0)
 TINY = dict(size=16, mask_steps=2, epochs=1, batch_size=32, mask_batch_size=16, min_asr=0.0, density_factor=1000.0)
 
 
