@@ -28,25 +28,15 @@ def _pairs(values: tuple[str, ...], what: str) -> dict:
     return out
 
 
-def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    """A record's spec as dotted keys ({"recipe": {"lr": 1}} -> {"recipe.lr": 1}), as `tables.matches` reads it."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _show_value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
 
 
 def _values(recs: list[dict], key: str) -> list[str]:
     """The distinct values a (dotted) spec field takes among records, as text."""
+    from bench.tables import flatten
     missing = object()
-    vals = {(_show_value(x) if (x := _flat(r.get("spec") or {}).get(key, missing)) is not missing else "(unset)")
+    vals = {(_show_value(x) if (x := flatten(r.get("spec") or {}).get(key, missing)) is not missing else "(unset)")
             for r in recs}
     return sorted(vals)
 
@@ -58,7 +48,8 @@ _ROW_FIELDS = ("defense", "defense_args")
 def _settings_spread(recs: list[dict]) -> dict[str, list[str]]:
     """Spec fields (dotted) whose values differ among the records, with those values; a method's
     `*_args` are left out when the method itself differs (they follow from it)."""
-    keys = sorted(set().union(*(_flat(r.get("spec") or {}) for r in recs)))
+    from bench.tables import flatten
+    keys = sorted(set().union(*(flatten(r.get("spec") or {}) for r in recs)))
     keys = [k for k in keys if not any(k == f or k.startswith(f + ".") for f in _ROW_FIELDS)]
     spread = {k: v for k in keys if len(v := _values(recs, k)) > 1}
     return {k: v for k, v in spread.items()
@@ -224,6 +215,7 @@ def show(results, where, model, attack, target, defense, seed, plot) -> None:
 
     Without filters it shows the one setting the records hold; when they hold several it says which
     values exist (add --where KEY=VALUE to pick one)."""
+    from bench.tables import flatten
     from bench import records, tables
 
     recs = records.load(Path(results))
@@ -236,7 +228,7 @@ def show(results, where, model, attack, target, defense, seed, plot) -> None:
         if key in flt and str(flt[key]) != str(value):
             raise BenchError(f"--{key} {value} contradicts --where {key}={flt[key]}")
         flt[key] = value
-    known = set().union(*(set(_flat(r.get("spec") or {})) | set(r.get("spec") or {}) for r in recs)) | {"row"}
+    known = set().union(*(set(flatten(r.get("spec") or {})) | set(r.get("spec") or {}) for r in recs)) | {"row"}
     unknown = sorted(set(flt) - known)
     if unknown:
         raise BenchError(f"no record has spec field(s) {unknown} (fields: {', '.join(sorted(known))})")

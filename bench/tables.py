@@ -70,13 +70,13 @@ def _spec(rec: Mapping) -> dict:
     return rec.get("spec") or {}
 
 
-def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     """Nested dict as dotted keys: {"recipe": {"lr": 1}} -> {"recipe.lr": 1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and v:
-            out.update(_flat(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -88,7 +88,7 @@ def _is_cell_field(key: str) -> bool:
 
 def _setting(rec: Mapping) -> dict[str, Any]:
     """The record's setting: its flattened spec minus the table coordinates."""
-    return {k: v for k, v in _flat(_spec(rec)).items() if not _is_cell_field(k)}
+    return {k: v for k, v in flatten(_spec(rec)).items() if not _is_cell_field(k)}
 
 
 def _canon(obj: Any) -> str:
@@ -109,7 +109,7 @@ def matches(rec: Mapping, where: Mapping[str, Any] | None) -> bool:
     """True when every ``where`` key (a spec field, dotted for nested ones, or ``row``) equals the record's."""
     if not where:
         return True
-    flat = _flat(_spec(rec))
+    flat = flatten(_spec(rec))
     for key, want in where.items():
         if key == "row":
             have = rec.get("row")
