@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attacks.badnets import ClassicBadNets
-from attacks.base import Target, poison, triggered
+from attacks.base import poison, triggered
 from attacks.blended import Blended, trigger_image
 from attacks.dualkey import DualKey
 from attacks.multi import MultiPatch
