@@ -124,6 +124,11 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
     click.echo(f"\n{spec.model} ({spec.scale}) · {spec.attack} · target {spec.target} · poison {spec.poison_rate:g} · "
                f"seed {spec.seed} · trainable {spec.trainable}")
     click.echo(tables.to_markdown(df))
+    for rec in recs:     # what the defense cost, with its paired interval, and the check that CP reads the image
+        m = rec["metrics"]
+        cost = f"ΔCP vs Backdoored {tables.fmt_metric('delta_cp', m['delta_cp'], with_ci=True)} · " if "delta_cp" in m else ""
+        click.echo(f"{tables.row_label(rec['row']):<12} {cost}CP (blind) {tables.fmt_metric('cp_blind', m.get('cp_blind'))}"
+                   f" (chance 25.00)" + (" · saw poison flags (oracle)" if rec.get("uses_oracle") else ""))
     click.echo(f"\n{len(recs)} records appended to {Path(results) / 'records.jsonl'}")
 
 

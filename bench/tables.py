@@ -229,6 +229,16 @@ def _fmt(metric: str, m: Any, with_ci: bool = False) -> str:
     return text
 
 
+def fmt_metric(metric: str, m: Any, with_ci: bool = False) -> str:
+    """A record's metric as table text ("93.50", with_ci "93.50 [91.00, 95.50]")."""
+    return _fmt(metric, m, with_ci)
+
+
+def row_label(row: str) -> str:
+    """A row's display name (DiSP, DiSP (no mask), ...)."""
+    return DISPLAY.get(row, row)
+
+
 # ----------------------------------------------------------------------------------- Table 1
 
 def _table(recs: Sequence[Mapping], targets: Sequence[str] | None, metrics: Sequence[tuple[str, str]],

@@ -104,6 +104,7 @@ def test_run_records_resume_determinism_leaderboard_show(tmp_path, cache, capsys
     # the DiSP paper's Table 1 layout
     assert "Clean" in out and "Backdoored" in out and "DiSP" in out
     assert "CP" in out and "ASR (w/o)" in out and "ASR (w/t)" in out
+    assert "ΔCP vs Backdoored" in out and out.count("CP (blind)") == 3    # the defense's cost, CP's image check
     recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
     assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
     for r in recs:
