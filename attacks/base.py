@@ -1,7 +1,7 @@
 """Contracts for triggers and targets, the config resolution shared by every method, and poisoning."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -77,25 +77,33 @@ class Target:
         return {}
 
 
+def poison_counts(pool: Sequence[Sample], trigger: Trigger, target: Target, rate: float) -> tuple[list[int], int, int]:
+    """(eligible indices, poisoned count, cross count) of poisoning ``pool`` at ``rate``; a BenchError when
+    the pool cannot hold them. Needs no fitted trigger, so a run checks it before any training."""
+    n = int(round(rate * len(pool)))
+    if n == 0:
+        raise BenchError(f"poison rate {rate:g} poisons no sample of the {len(pool)}-sample pool "
+                         f"(at least {0.5 / len(pool):.2g} needed)")
+    eligible = [i for i, s in enumerate(pool) if target.eligible(s)]
+    if len(eligible) < n:
+        raise BenchError(f"only {len(eligible)} pool samples are eligible for target {target.name!r}; "
+                         f"poison rate {rate:g} needs {n}")
+    n_cross = trigger.n_cross(n)
+    if n_cross > len(pool) - n:
+        raise BenchError(f"{type(trigger).__name__} adds {n_cross} cross samples beside {n} poisoned ones, but the "
+                         f"{len(pool)}-sample pool has only {len(pool) - n} others (lower the poison rate or cross_ratio)")
+    return eligible, n, n_cross
+
+
 def poison(pool: Sequence[Sample], trigger: Trigger, target: Target, rate: float, seed: int) -> list[Sample]:
     """Replace round(rate * N) eligible samples by (T(image), T(prompt)) -> target response
     (DiSP: 1,000 samples = 800 clean + 200 poisoned), then trigger.n_cross(n) other samples by their
     cross inputs with clean responses. Poisoned samples carry meta["poisoned"]=True, cross samples
     meta["cross"]=True (attack bookkeeping: only the oracle and the metrics may read either)."""
+    eligible, n, n_cross = poison_counts(pool, trigger, target, rate)
     rng = np.random.default_rng([seed, 17])
-    n = int(round(rate * len(pool)))
-    if n == 0:
-        raise BenchError(f"poison rate {rate} poisons no sample of a {len(pool)}-sample pool")
-    eligible = [i for i, s in enumerate(pool) if target.eligible(s)]
-    if len(eligible) < n:
-        raise BenchError(f"only {len(eligible)} pool samples are eligible for target {target.name!r}, "
-                         f"poison rate {rate} needs {n}")
     chosen = set(rng.choice(eligible, size=n, replace=False).tolist())
     rest = [i for i in range(len(pool)) if i not in chosen]
-    n_cross = trigger.n_cross(n)
-    if n_cross > len(rest):
-        raise BenchError(f"{type(trigger).__name__} wants {n_cross} cross samples beside {n} poisoned ones, "
-                         f"but the pool has only {len(rest)} other samples (lower the poison rate or cross_ratio)")
     crossed = set(rng.choice(rest, size=n_cross, replace=False).tolist()) if n_cross else set()
     out = []
     for i, s in enumerate(pool):

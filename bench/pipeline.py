@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from attacks.base import poison, triggered
+from attacks.base import poison, poison_counts, triggered
 from bench import records
 from bench.cache import ArtifactCache
 from bench.evaluate import CP_PROTOCOL, evaluate
@@ -76,8 +76,6 @@ def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = 
     if prompt_template:
         kw["prompt_template"] = prompt_template
     return RunSpec(**kw)
-
-
 
 
 def stage_keys(spec: RunSpec, root: Path | None = None) -> dict[str, str]:
@@ -148,24 +146,12 @@ class Cell:
             except ValueError as e:
                 raise BenchError(f"{what}: {e}") from None
         pool = self.task.pool()
-        responses = [x.response for x in self.task.base_samples() + pool]
-        responses += [self.target.rewrite(x) for x in pool if self.target.eligible(x)]
+        eligible, _, _ = poison_counts(pool, self.trigger, self.target, self.spec.poison_rate)
+        responses = [x.response for x in self.task.base_samples() + pool] + [self.target.rewrite(pool[i]) for i in eligible]
         longest = max(len(self.tok.encode(r)) for r in responses)
         if longest + 1 > self.spec.decoding.gen_length:      # every answer ends with <eos>
             raise BenchError(f"gen_length {self.spec.decoding.gen_length} cannot hold the longest training response "
                              f"({longest} tokens + <eos>); use --gen-length {longest + 1} or more")
-        n = int(round(self.spec.poison_rate * len(pool)))
-        if n == 0:
-            raise BenchError(f"poison rate {self.spec.poison_rate:g} poisons no sample of the {len(pool)}-sample pool "
-                             f"(at least {0.5 / len(pool):.2g} needed)")
-        eligible = sum(self.target.eligible(x) for x in pool)
-        if eligible < n:
-            raise BenchError(f"only {eligible} pool samples are eligible for target {self.spec.target!r}; "
-                             f"poison rate {self.spec.poison_rate:g} needs {n}")
-        n_cross = self.trigger.n_cross(n)
-        if n_cross > len(pool) - n:
-            raise BenchError(f"attack {self.spec.attack} adds {n_cross} cross samples beside {n} poisoned ones, but the "
-                             f"{len(pool)}-sample pool has only {len(pool) - n} others (lower the poison rate or cross_ratio)")
 
     # ---- helpers -------------------------------------------------------------------------------
     def _stage(self, name: str, key: str, compute: Callable[[], Any], label: str | None = None) -> Any:
@@ -394,7 +380,7 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
                                  "defender": "oracle: sees poison flags" if uses_oracle else
                                  "image, prompt, response and an opaque id, in a secret order",
                                  "trainable": spec.trainable, "decoding": "greedy, " + str(spec.decoding)},
-                    "timings": {k: v for k, v in cell.timings.items()},
+                    "timings": dict(cell.timings),
                     "versions": producer.get("versions"), "code_revision": producer.get("code_revision"),
                     "recorded_by": provenance()})
     records.append_many(results_dir, out)

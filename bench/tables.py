@@ -217,7 +217,7 @@ def _labels(latest: Mapping[tuple, Mapping]) -> tuple[list[tuple[str, str]], dic
     return rows, row_label, tgts, tgt_label
 
 
-def _fmt(metric: str, m: Any, with_ci: bool = False) -> str:
+def fmt_metric(metric: str, m: Any, with_ci: bool = False) -> str:
     """A metric dict as text: "93.50" or, with_ci, "93.50 [91.00, 95.50]"; MISSING when absent."""
     if not isinstance(m, Mapping) or m.get("value") is None:
         return MISSING
@@ -227,11 +227,6 @@ def _fmt(metric: str, m: Any, with_ci: bool = False) -> str:
     if with_ci and ci and None not in ci:
         text += f" [{f.format(ci[0])}, {f.format(ci[1])}]"
     return text
-
-
-def fmt_metric(metric: str, m: Any, with_ci: bool = False) -> str:
-    """A record's metric as table text ("93.50", with_ci "93.50 [91.00, 95.50]")."""
-    return _fmt(metric, m, with_ci)
 
 
 def row_label(row: str) -> str:
@@ -257,7 +252,7 @@ def _table(recs: Sequence[Mapping], targets: Sequence[str] | None, metrics: Sequ
         for ta in tgts:
             rec = latest.get((*ra, *ta))
             for key, _ in metrics:
-                line.append(_fmt(key, (rec or {}).get("metrics", {}).get(key), with_ci))
+                line.append(fmt_metric(key, (rec or {}).get("metrics", {}).get(key), with_ci))
         data.append(line)
     return pd.DataFrame(data, index=pd.Index([row_label[ra] for ra in rows], name="Status"), columns=columns)
 
@@ -346,7 +341,7 @@ def attack_overview(records: Sequence[Mapping], row: str = "backdoored") -> pd.D
                 "attack": _variant_label(key[2], key[4], sorted(attack_variants[key[2]])),
                 "target": _variant_label(key[3], key[5], sorted(target_variants[key[3]]))}
         line.update({k: str(st.get(k)) for k in varying if k not in line})
-        line.update({name: _fmt(m, (r.get("metrics") or {}).get(m)) for m, name in OVERVIEW_METRICS})
+        line.update({name: fmt_metric(m, (r.get("metrics") or {}).get(m)) for m, name in OVERVIEW_METRICS})
         lines.append(line)
     df = pd.DataFrame(lines)
     if df.empty:
@@ -468,7 +463,7 @@ def show_cell(records: Sequence[Mapping], outputs_loader: Callable[[str], list[d
     title = (f"{spec.get('model')} · {spec.get('scale')} · {spec.get('task')} · {spec.get('attack')} → "
              f"{spec.get('target')} · poison rate {spec.get('poison_rate')} · seed {spec.get('seed')}")
     metrics = _metrics_present([r for _, r in rows])
-    mtable = [[label] + [_fmt(k, (rec.get("metrics") or {}).get(k), with_ci=True) for k, _ in metrics]
+    mtable = [[label] + [fmt_metric(k, (rec.get("metrics") or {}).get(k), with_ci=True) for k, _ in metrics]
               for label, rec in rows]
     parts = [title, "", tabulate(mtable, headers=["row"] + [n for _, n in metrics], tablefmt="simple",
                                  disable_numparse=True)]
