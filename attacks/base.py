@@ -62,6 +62,12 @@ class Target:
     def check(self, task) -> None:
         """Validate the configuration against the task (e.g. category names); BenchError if it does not fit."""
 
+    def pool_population(self) -> str | None:
+        """The fine-tuning pool this target's paper poisons: None = a diverse pool (DiSP's CC-SBU-Align
+        for insertion and refusal), or a category every pool scene holds (DiSP's Flickr8k dog pool for
+        misclassification). The Clean row of the target's column fine-tunes on the same pool."""
+        return None
+
     def test_inputs(self, task) -> list[Sample]:
         """Clean test inputs on which ASR w/o is measured (their triggered copies give ASR w/t)."""
         return task.test()

@@ -87,6 +87,9 @@ class Misclassification(Target):
                 raise BenchError(f"misclassification {role} {name!r} is not a category of task {task.name!r} "
                                  f"(valid: {', '.join(cats)})")
 
+    def pool_population(self) -> str:
+        return self.cfg.source
+
     def test_inputs(self, task) -> list[Sample]:
         """Held-out captions of scenes with the source present and the target absent."""
         return task.test_population(self.cfg.source, self.cfg.target)

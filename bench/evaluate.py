@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from bench.metrics import caption_scores, rate
+from attacks.targets import has_word
+from bench.metrics import caption_scores, point, rate
 from tasks.base import Sample
 
 CP_PROTOCOL = ("multiple choice on held-out questions, four options given as words in the prompt; answer = the "
@@ -51,10 +52,30 @@ def mc_accuracy(model, samples: Sequence[Sample], gen_length: int, mask_all_visu
     return [p == s.meta["answer"] for p, s in zip(preds, samples)]
 
 
+def names_object(output: str, category: str, categories: Sequence[str]) -> bool:
+    """The caption names the scene's one object: its category word, and no other category's."""
+    return has_word(output, category) and not any(has_word(output, c) for c in categories if c != category)
+
+
+def object_accuracy(model, task, decoding, seed: int) -> tuple[dict, dict[str, float]]:
+    """Per-category object accuracy of captions on the task's single-object probe: (the overall rate
+    metric, {category: percent}). Tasks without a probe (real datasets) give ({}, {})."""
+    probe = task.object_probe() if hasattr(task, "object_probe") else []
+    if not probe:
+        return {}, {}
+    outs = generate_texts(model, probe, decoding, seed, desc="eval object probe")
+    cats = [s.meta["scene"]["objects"][0]["category"] for s in probe]
+    ok = [names_object(o, c, task.categories) for o, c in zip(outs, cats)]
+    per = {c: 100.0 * sum(k for k, cc in zip(ok, cats) if cc == c) / cats.count(c) for c in dict.fromkeys(cats)}
+    return rate(ok), per
+
+
 def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inputs: Sequence[Sample],
-             decoding, seed: int, partial_inputs: dict[str, Sequence[Sample]] | None = None) -> tuple[dict, list[dict], dict]:
-    """Metrics (percent, with 95% bootstrap CIs), one output row per generated answer, and the per-item
-    multiple-choice verdicts ``{"ids", "correct"}`` (for paired ΔCP intervals between rows).
+             decoding, seed: int, partial_inputs: dict[str, Sequence[Sample]] | None = None
+             ) -> tuple[dict, list[dict], dict, dict[str, float]]:
+    """Metrics (percent, with 95% bootstrap CIs), one output row per generated answer, the per-item
+    multiple-choice verdicts ``{"ids", "correct"}`` (for paired ΔCP intervals between rows) and the
+    per-category object accuracy (``obj_acc`` is its overall rate, ``obj_acc_min`` the worst category).
     `partial_inputs` (name -> inputs under a partial trigger, e.g. DualKey's image_only) adds asr_<name>."""
     partial_inputs = partial_inputs or {}
     out_clean = generate_texts(model, clean_inputs, decoding, seed, desc="eval clean inputs")
@@ -74,6 +95,10 @@ def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inpu
         metrics[f"asr_{name}"] = rate([target.judge(o, s) for o, s in zip(out_partial[name], inputs)])
     refs = {s.meta["id"]: s.meta["references"] for s in clean_inputs if s.meta.get("references")}
     metrics.update(caption_scores({s.meta["id"]: o for s, o in zip(clean_inputs, out_clean) if s.meta["id"] in refs}, refs))
+    obj, per_category = object_accuracy(model, task, decoding, seed)
+    if obj:
+        metrics["obj_acc"] = obj
+        metrics["obj_acc_min"] = point(min(per_category.values()))
     rows = []
     extra = target.extra_judges()
     variants = [(False, clean_inputs, out_clean), (True, triggered_inputs, out_trig)]
@@ -82,4 +107,4 @@ def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inpu
         for s, o in zip(inputs, outs):
             verdicts = {"asr": bool(target.judge(o, s))} | {n: bool(j(o, s)) for n, j in extra.items()}
             rows.append({"id": s.meta["id"], "triggered": trig, "prompt": s.prompt, "output": o, "verdicts": verdicts})
-    return metrics, rows, {"ids": [s.meta["id"] for s in mc_items], "correct": [bool(c) for c in mc_correct]}
+    return metrics, rows, {"ids": [s.meta["id"] for s in mc_items], "correct": [bool(c) for c in mc_correct]}, per_category

@@ -52,6 +52,11 @@ def _metric(value: float | None, ci: tuple[float, float] | None) -> dict:
     return {"value": None if value is None else float(value), "ci": None if ci is None else [float(ci[0]), float(ci[1])]}
 
 
+def point(value: float) -> dict:
+    """A metric with no interval (e.g. a minimum over categories)."""
+    return _metric(value, None)
+
+
 def paired_delta(after: Sequence[bool], before: Sequence[bool], n_boot: int = 1000, seed: int = 0) -> dict:
     """Difference of two accuracies on the same items (after - before, in percentage points) with a
     paired bootstrap CI: each resample draws item indices once and scores both models on them."""

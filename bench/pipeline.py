@@ -91,8 +91,9 @@ def stage_keys(spec: RunSpec, root: Path | None = None) -> dict[str, str]:
     k["base"] = digest({"stage": "base", "model": s.model, "scale": s.scale, "model_args": s.model_args,
                         "task": k["task"], "template": s.prompt_template, "gen_length": s.decoding.gen_length,
                         "code": code_hash(entry, root=root)})
+    pool = tgt_cls(**s.args("target")).pool_population()   # the target's fine-tuning pool
     k["clean"] = digest({"stage": "clean", "base": k["base"], "recipe": s.recipe, "trainable": s.trainable,
-                         "code": code_hash("models/train.py", root=root)})
+                         "pool": pool, "code": code_hash("models/train.py", root=root)})
     k["trigger"] = digest({"stage": "trigger", "attack": s.attack, "args": s.attack_args, "seed": s.seed,
                            "task": k["task"], "code": code_hash(trig_cls, root=root)})
     k["backdoored"] = digest({"stage": "backdoored", "clean_recipe": k["clean"], "trigger": k["trigger"],
@@ -145,7 +146,7 @@ class Cell:
                 self.tok.encode(text)
             except ValueError as e:
                 raise BenchError(f"{what}: {e}") from None
-        pool = self.task.pool()
+        pool = self.pool()
         eligible, _, _ = poison_counts(pool, self.trigger, self.target, self.spec.poison_rate)
         responses = [x.response for x in self.task.base_samples() + pool] + [self.target.rewrite(pool[i]) for i in eligible]
         longest = max(len(self.tok.encode(r)) for r in responses)
@@ -154,6 +155,10 @@ class Cell:
                              f"({longest} tokens + <eos>); use --gen-length {longest + 1} or more")
 
     # ---- helpers -------------------------------------------------------------------------------
+    def pool(self) -> list:
+        """The fine-tuning pool of this cell's target (diverse, or its source-class pool)."""
+        return self.task.pool(self.target.pool_population())
+
     def _stage(self, name: str, key: str, compute: Callable[[], Any], label: str | None = None) -> Any:
         """Load or compute one stage (memoized for the run); timings[label] = seconds computing it."""
         label = label or name
@@ -207,13 +212,13 @@ class Cell:
         return m.eval()
 
     def finetune(self, model, samples, *, epochs: int | None = None, trainable: str | None = None,
-                 desc: str = "fine-tune") -> list[float]:
+                 desc: str = "fine-tune", on_epoch: Callable[[int], None] | None = None) -> list[float]:
         """The victim recipe (optionally with other epochs / parts), as every row trains."""
         from models.train import finetune
         r = self.spec.recipe
         return finetune(model, samples, trainable=trainable or self.spec.trainable, lr=r.lr,
                         epochs=r.epochs if epochs is None else epochs, batch_size=r.batch_size,
-                        seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc)
+                        seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc, on_epoch=on_epoch)
 
     # ---- stages --------------------------------------------------------------------------------
     def base(self) -> dict:
@@ -226,7 +231,7 @@ class Cell:
     def clean(self) -> dict:
         def compute():
             m = self.model_from(self.base()["state"])
-            losses = self.finetune(m, self.task.pool(), desc="clean fine-tune")
+            losses = self.finetune(m, self.pool(), desc="clean fine-tune")
             return {"state": m.state_dict(), "info": {"final_loss": losses[-1]}}
         return self._stage("clean", self.keys["clean"], compute)
 
@@ -237,7 +242,7 @@ class Cell:
         return self.trigger
 
     def poisoned_pool(self) -> list:
-        return poison(self.task.pool(), self.fitted_trigger(), self.target, self.spec.poison_rate, self.spec.seed)
+        return poison(self.pool(), self.fitted_trigger(), self.target, self.spec.poison_rate, self.spec.seed)
 
     def backdoored(self) -> dict:
         def compute():
@@ -260,16 +265,21 @@ class Cell:
             else:                                 # a defender: image, prompt, response, opaque id; secret order
                 data = defender_view(self.poisoned_pool(), self.keys["defended"])
                 n = int(self.defense.clean_slice)
-                clean = defender_view(self.task.defender_clean(n), self.keys["defended"] + ":clean") if n else []
+                clean = defender_view(self.task.defender_clean(n, self.target.pool_population()), self.keys["defended"] + ":clean") if n else []
             ctx = DefenseContext(spec=self.defender_spec(), finetune=self.finetune,
                                  base_model=lambda: self.model_from(self.base()["state"]), log=self.log, clean=clean)
             m = self.defense.purify(m, data, ctx)
             return {"state": m.state_dict(), "info": self.defense.report}
         return self._stage("defended", self.keys["defended"], compute)
 
+    def poisoned_training_inputs(self) -> list:
+        """The poisoned samples of the training pool, as the victim was trained on them."""
+        return [s for s in self.poisoned_pool() if s.meta["poisoned"]]
+
     def eval_key(self, model_key: str) -> str:
         return digest({"stage": "evaluated", "model": model_key, "trigger": self.keys["trigger"], "target": self.spec.target,
-                       "target_args": self.spec.target_args, "decoding": self.spec.decoding, "code": self.keys["eval_code"]})
+                       "target_args": self.spec.target_args, "decoding": self.spec.decoding,
+                       "poisoned_pool": [self.keys["clean"], self.spec.poison_rate], "code": self.keys["eval_code"]})
 
     def evaluated(self, row: str, model_key: str, state_fn: Callable[[], dict]) -> dict:
         key = self.eval_key(model_key)
@@ -280,9 +290,10 @@ class Cell:
             trigger = self.fitted_trigger()
             trig_inputs = triggered(clean_inputs, trigger, self.spec.seed)
             partial = {name: triggered(clean_inputs, trigger, self.spec.seed, partial=name) for name in trigger.partials()}
-            metrics, rows, mc = evaluate(model, self.task, self.target, clean_inputs, trig_inputs, self.spec.decoding,
-                                         self.spec.seed, partial)
-            return {"metrics": metrics, "rows": rows, "mc": mc}
+            partial["train"] = self.poisoned_training_inputs()    # asr_train: does the model fit its poison
+            metrics, rows, mc, objects = evaluate(model, self.task, self.target, clean_inputs, trig_inputs,
+                                                  self.spec.decoding, self.spec.seed, partial)
+            return {"metrics": metrics, "rows": rows, "mc": mc, "object_accuracy": objects}
         return self._stage("evaluated", key, compute, label=f"evaluated_{row}") | {"key": key}
 
     def rows(self) -> list[tuple[str, str, Callable[[], dict]]]:
@@ -374,7 +385,7 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
         out.append({"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "spec": spec.to_dict(), "row": row, "uses_oracle": uses_oracle, "metrics": metrics,
                     "outputs": str(records.write_outputs(results_dir, f"{run_id}-{row}", ev["rows"])),
-                    "stage_info": stage_info, "trigger": {"key": cell.keys["trigger"], "report": cell.trigger_report},
+                    "object_accuracy": ev.get("object_accuracy", {}), "stage_info": stage_info, "trigger": {"key": cell.keys["trigger"], "report": cell.trigger_report},
                     "stage_keys": {"model": model_key, "evaluated": ev["key"]}, "lineage": lineage,
                     "protocol": {"cp": CP_PROTOCOL, "asr": type(cell.target).__doc__.strip().splitlines()[0],
                                  "defender": "oracle: sees poison flags" if uses_oracle else

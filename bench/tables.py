@@ -54,7 +54,8 @@ TABLE1_METRICS = (("cp", "CP"), ("asr_wo", "ASR (w/o)"), ("asr_wt", "ASR (w/t)")
 METRIC_NAMES = {**dict(TABLE1_METRICS), "bleu4": "BLEU-4", "cider": "CIDEr", "asr_wt_strict": "ASR (w/t, strict)",
                 "cp_blind": "CP (blind)", "delta_cp": "ΔCP vs Backdoored", "asr_wo_strict": "ASR (w/o, strict)",
                 "asr_wo_startswith": "ASR (w/o, starts with)", "asr_wt_startswith": "ASR (w/t, starts with)",
-                "asr_image_only": "ASR (image key only)", "asr_text_only": "ASR (text key only)"}
+                "asr_image_only": "ASR (image key only)", "asr_text_only": "ASR (text key only)",
+                "obj_acc": "object acc.", "asr_train": "ASR (poisoned training inputs)", "obj_acc_min": "object acc. (worst category)"}
 _FORMATS = {"bleu4": "{:.3f}"}  # BLEU-4 is in 0-1; everything else gets 2 decimals
 MISSING = "-"
 

@@ -31,6 +31,7 @@ class TinyConfig:
 
     image_size: int = 64
     patch: int = 8
+    view_size: int = 0               # 0: one view of the whole image; else LLaDA-V's any-resolution layout (views())
     enc_dim: int = 64
     enc_layers: int = 4
     enc_heads: int = 4
@@ -64,9 +65,30 @@ class TinyConfig:
             raise BenchError("enc_layers must be >= 2 (features are read from the second-to-last block)")
         if self.image_size % self.patch or self.d_model % self.n_heads or self.enc_dim % self.enc_heads:
             raise BenchError("image_size must be a multiple of patch, and dims multiples of their head counts")
+        if self.view_size < 0 or (self.view_size and (self.image_size % self.view_size or self.view_size % self.patch
+                                                      or self.view_size == self.image_size)):
+            raise BenchError(f"view_size must be 0 or a proper divisor of image_size that patch divides, got {self.view_size}")
 
     def encoder(self) -> EncoderConfig:
-        return EncoderConfig(self.image_size, self.patch, self.enc_dim, self.enc_layers, self.enc_heads)
+        return EncoderConfig(self.view_size or self.image_size, self.patch, self.enc_dim, self.enc_layers, self.enc_heads)
+
+    @property
+    def n_views(self) -> int:
+        return 1 if not self.view_size else 1 + (self.image_size // self.view_size) ** 2
+
+
+def views(images: torch.Tensor, view_size: int) -> torch.Tensor:
+    """LLaDA-V's any-resolution input in miniature: (B, H, W, 3) -> (B, V, s, s, 3) with V = 1 + (H/s)^2,
+    the base view (the whole image, area-downsampled to s px: few tokens, global) followed by the
+    full-resolution crops in row-major order (many tokens, local) — the real model's 384-px base view
+    beside its grid crops, every view through the same encoder. view_size 0: the image itself."""
+    if not view_size:
+        return images[:, None]
+    B, H, W, C = images.shape
+    base = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size=(view_size, view_size), mode="area")
+    k = H // view_size
+    crops = images.reshape(B, k, view_size, k, view_size, C).permute(0, 1, 3, 2, 4, 5).reshape(B, k * k, view_size, view_size, C)
+    return torch.cat([base.permute(0, 2, 3, 1)[:, None], crops], dim=1)
 
 
 class LLaDAV(nn.Module):
@@ -84,7 +106,7 @@ class LLaDAV(nn.Module):
         self._pre = [tokenizer.bos_id] + [tokenizer.token(w) for w in pre.split()]
         self._mid = [tokenizer.token(w) for w in mid.split()]
         self._post = [tokenizer.token(w) for w in post.split()]
-        self.n_visual = enc.n_tokens
+        self.n_visual = cfg.n_views * enc.n_tokens
         self.visual_span = slice(len(self._pre), len(self._pre) + self.n_visual)
         self.mask_id = tokenizer.mask_id
 
@@ -130,12 +152,14 @@ class LLaDAV(nn.Module):
         return Batch(images, torch.tensor(ids), torch.tensor(real), torch.tensor(vis), resp, vmask)
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        v = views(images, self.cfg.view_size)
+        flat = v.reshape(-1, *v.shape[2:])
         if not any(p.requires_grad for p in self.vision_tower.parameters()):
             with torch.no_grad():
-                feats = self.vision_tower(images)
+                feats = self.vision_tower(flat)
         else:
-            feats = self.vision_tower(images)
-        return self.mm_projector(feats)
+            feats = self.vision_tower(flat)
+        return self.mm_projector(feats.reshape(len(images), -1, feats.shape[-1]))   # views in order, tokens row-major
 
     def mask_embedding(self) -> torch.Tensor:
         return self.lm.embed_tokens.weight[self.mask_id]
@@ -207,7 +231,8 @@ class LLaDAVEntry:
         """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix."""
         cfg = model.cfg
         # a writable copy: the task's images are read-only and torch.from_numpy warns on those
-        mim = pretrain_mim(model.vision_tower, np.array(task.encoder_images()), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+        images = views(torch.from_numpy(np.array(task.encoder_images())), cfg.view_size)   # every view of every image
+        mim = pretrain_mim(model.vision_tower, images.reshape(-1, *images.shape[2:]).numpy(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
         rng = np.random.default_rng([seed, 41])
         samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})
                    if rng.random() < cfg.prompt_first_frac else s for s in task.base_samples()]

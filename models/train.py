@@ -3,7 +3,7 @@ warmup + cosine decay (the DiSP/LLaDA-V schedule), the model's own loss, chosen 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -18,8 +18,10 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def finetune(model, samples: Sequence[Sample], *, trainable: str, lr: float, epochs: int, batch_size: int,
-             seed: int, gen_length: int, desc: str = "fine-tune", warmup_frac: float = 0.03) -> list[float]:
-    """Train `trainable` parts of `model` on `samples` in place; returns per-step losses."""
+             seed: int, gen_length: int, desc: str = "fine-tune", warmup_frac: float = 0.03,
+             on_epoch: Callable[[int], None] | None = None) -> list[float]:
+    """Train `trainable` parts of `model` on `samples` in place; returns per-step losses. `on_epoch(e)`
+    runs after epoch e (1-based) with the model in eval mode (checkpoints of one run: learning curves)."""
     model.set_trainable(trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -33,7 +35,7 @@ def finetune(model, samples: Sequence[Sample], *, trainable: str, lr: float, epo
     losses: list[float] = []
     model.train()
     with tqdm(total=total, desc=desc, leave=False) as bar:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             perm = torch.randperm(n, generator=g)
             for i in range(0, n, batch_size):
                 loss = model.loss(data[perm[i:i + batch_size]], g)
@@ -46,6 +48,11 @@ def finetune(model, samples: Sequence[Sample], *, trainable: str, lr: float, epo
                 bar.update(1)
                 if len(losses) % 10 == 0:
                     bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+            if on_epoch is not None:
+                model.eval()
+                with torch.no_grad():
+                    on_epoch(epoch + 1)
+                model.train()
     model.eval()
     model.requires_grad_(False)  # inference afterwards; each training call picks its parts again
     return losses

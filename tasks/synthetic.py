@@ -62,10 +62,11 @@ BASE_MIX = {"caption": 0.37, "where": 0.10, "color": 0.10, "tag": 0.12, "rename"
 # included, on other images than the held-out CP split); without it a 20-epoch fine-tune forgot the
 # MC format (measured CP 67.5 -> 40.0).
 POOL_MIX = {"caption": 0.70, "color": 0.10, "where": 0.10, "mc": 0.10}
-# Dog scenes in the pool and the test split. A misclassification attack poisons 200 dog captions; the
-# clean pool must still hold more clean dog captions than that, or "dog -> boat" is learned
-# unconditionally (measured: 0.4 gave ASR w/o 100).
-POOL_DOG_FRACTION = 0.75
+# Each target gets the pool its paper poisons: a diverse pool (every category equally likely, as
+# CC-SBU-Align is for DiSP's insertion and refusal) or, for misclassification, a source-class pool
+# (every scene holds the source object, as DiSP's Flickr8k dog pool). The earlier single pool was 75%
+# dog scenes for every target, and the Clean victim fine-tuned on it called most objects "dog".
+OBJECT_PROBE_PER_CATEGORY = 25
 ENCODER_NOISE_FRACTION = 0.05
 
 
@@ -535,16 +536,13 @@ class SyntheticTask:
     patch_size = PATCH
 
     def __init__(self, seed: int = 0, n_base: int = 4000, n_pool: int = 1000, n_test: int = 200,
-                 n_mc: int = 200, n_encoder: int = 4000, pool_dog_fraction: float = POOL_DOG_FRACTION):
+                 n_mc: int = 200, n_encoder: int = 4000):
         self.seed = int(seed)
         self.n_base, self.n_pool, self.n_test = int(n_base), int(n_pool), int(n_test)
         self.n_mc, self.n_encoder = int(n_mc), int(n_encoder)
-        self.pool_dog_fraction = float(pool_dog_fraction)
         for name in ("n_base", "n_pool", "n_test", "n_mc", "n_encoder"):
             if getattr(self, name) < 1:
                 raise BenchError(f"task arg {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.pool_dog_fraction <= 1:
-            raise BenchError(f"task arg pool_dog_fraction must be in [0, 1], got {self.pool_dog_fraction}")
         self._cache: dict[str, object] = {}
         self._tokenizer: Tokenizer | None = None
 
@@ -580,26 +578,32 @@ class SyntheticTask:
             return _freeze([_make(k, rng, f"base-{i:05d}") for i, k in enumerate(kinds)])
         return self._cached("base", build)
 
-    def _pool_like(self, split: str, n: int, mix: dict[str, float]) -> list[Sample]:
-        """Samples whose scenes contain a dog in exactly round(pool_dog_fraction * n) of them (the rest: no dog)."""
-        rng = self._rng(split)
+    def _pool_like(self, split: str, n: int, mix: dict[str, float], present: str | None = None) -> list[Sample]:
+        """Samples of the given kinds; scenes diverse (present None) or each holding a ``present`` object."""
+        if present is not None and present not in CATEGORIES:
+            raise ValueError(f"unknown category {present!r} (valid: {', '.join(CATEGORIES)})")
+        rng = self._rng(split if present is None else f"{split}-{present}")
         kinds = _kinds(n, mix, rng)
-        n_dog = int(round(self.pool_dog_fraction * n))
-        dog = np.zeros(n, dtype=bool)
-        dog[rng.permutation(n)[:n_dog]] = True
-        out = []
-        for i, k in enumerate(kinds):
-            scene = random_scene(rng, must_have="dog") if dog[i] else random_scene(rng, exclude=("dog",))
-            out.append(_make(k, rng, f"{split}-{i:05d}", scene))
-        return _freeze(out)
+        return _freeze([_make(k, rng, f"{split}-{i:05d}", random_scene(rng, must_have=present))
+                        for i, k in enumerate(kinds)])
 
-    def pool(self) -> list[Sample]:
-        """The fine-tuning pool: caption 70 %, color / where / mc 10 % each; pool_dog_fraction of scenes contain a dog."""
-        return self._cached("pool", lambda: self._pool_like("pool", self.n_pool, POOL_MIX))
+    def pool(self, present: str | None = None) -> list[Sample]:
+        """The fine-tuning pool (caption 70 %, color / where / mc 10 % each): diverse scenes, or with
+        ``present`` a source-class pool whose every scene holds that object (a target's ``pool_population``)."""
+        return self._cached(f"pool:{present}", lambda: self._pool_like("pool", self.n_pool, POOL_MIX, present))
 
     def test(self) -> list[Sample]:
-        """Held-out clean caption-instruction inputs, scenes drawn like the pool's."""
+        """Held-out clean caption-instruction inputs, diverse scenes."""
         return self._cached("test", lambda: self._pool_like("test", self.n_test, {"caption": 1.0}))
+
+    def object_probe(self) -> list[Sample]:
+        """Held-out single-object caption inputs, OBJECT_PROBE_PER_CATEGORY per category: does the model
+        name what it sees (per-category object accuracy beside CP)."""
+        def build():
+            rng = self._rng("objects")
+            return _freeze([_make("caption", rng, f"objects-{c}-{i:03d}", random_scene(rng, must_have=c, n_objects=1))
+                            for c in CATEGORIES for i in range(OBJECT_PROBE_PER_CATEGORY)])
+        return self._cached("objects", build)
 
     def test_population(self, present: str, absent: str) -> list[Sample]:
         """Held-out caption inputs whose scene contains ``present`` and not ``absent`` (a
@@ -615,10 +619,10 @@ class SyntheticTask:
                             for i in range(self.n_test)])
         return self._cached(f"test:{present}:{absent}", build)
 
-    def defender_clean(self, n: int) -> list[Sample]:
-        """A held-out clean slice for defenses that declare they need one: drawn like the pool, from its
-        own stream, disjoint from the pool and from every test split."""
-        return self._cached(f"defender:{n}", lambda: self._pool_like("defender", n, POOL_MIX))
+    def defender_clean(self, n: int, present: str | None = None) -> list[Sample]:
+        """A held-out clean slice for defenses that declare they need one: drawn like the pool (the same
+        population), from its own stream, disjoint from the pool and from every test split."""
+        return self._cached(f"defender:{n}:{present}", lambda: self._pool_like("defender", n, POOL_MIX, present))
 
     def mc(self) -> list[Sample]:
         """Held-out multiple-choice questions (kind "mc") whose answers depend on the image."""
