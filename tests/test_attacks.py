@@ -203,7 +203,8 @@ def test_misclassification_eligible():
 
 def test_misclassification_eligible_on_task_pool(task):
     t = Misclassification()
-    pool = task.pool()
+    assert t.pool_population() == "dog" and Insertion().pool_population() is None
+    pool = task.pool(t.pool_population())
     el = [s for s in pool if t.eligible(s)]
     assert el
     for s in pool:
@@ -229,7 +230,8 @@ def _patched(img, size=8):
 
 @pytest.mark.parametrize("target_cls,rate", [(Insertion, 0.2), (Refusal, 0.1), (Misclassification, 0.1)])
 def test_poison(task, target_cls, rate):
-    pool, trig, target = task.pool(), BadNets(), target_cls()
+    target = target_cls()
+    pool, trig = task.pool(target.pool_population()), BadNets()
     out = poison(pool, trig, target, rate, seed=0)
     n = round(rate * len(pool))
     assert len(out) == len(pool)
@@ -261,7 +263,7 @@ def test_poison_deterministic_per_seed(task):
 
 
 def test_poison_too_few_eligible_raises(task):
-    pool = task.pool()
+    pool = task.pool("dog")
     n_eligible = sum(Misclassification().eligible(s) for s in pool)
     assert n_eligible < round(0.9 * len(pool))
     with pytest.raises(BenchError, match="eligible"):

@@ -113,13 +113,18 @@ def test_run_records_resume_determinism_leaderboard_show(tmp_path, cache, capsys
                   "prompt_template", "decoding", "attack_args", "defense_args", "model_args", "recipe"):
             assert f in spec
         assert spec["decoding"]["gen_length"] == 32 and spec["attack_args"]["position"] == "top-left"
-        for m in ("cp", "asr_wo", "asr_wt", "bleu4", "cider"):
+        for m in ("cp", "asr_wo", "asr_wt", "asr_train", "bleu4", "cider", "obj_acc"):
             assert set(r["metrics"][m]) == {"value", "ci"}
+        # the Clean row's question "does it see": object accuracy per category on the single-object probe
+        assert set(r["object_accuracy"]) == {"dog", "boat", "cat", "car", "tree", "house", "fish", "bird"}
+        assert r["metrics"]["obj_acc_min"]["value"] == min(r["object_accuracy"].values())
         for m in ("cp", "asr_wo", "asr_wt"):
             v, (lo, hi) = r["metrics"][m]["value"], r["metrics"][m]["ci"]
             assert 0 <= lo <= v <= hi <= 100
         rows = [json.loads(x) for x in (results / r["outputs"]).read_text().splitlines()]
-        assert len(rows) == 32 and {"id", "output", "triggered", "verdicts"} <= set(rows[0])
+        # clean + triggered test inputs, and the 20 poisoned training inputs (asr_train)
+        assert len(rows) == 32 + 20 and {"id", "output", "triggered", "verdicts"} <= set(rows[0])
+        assert sum(x["triggered"] == "train" for x in rows) == 20
         assert r["timings"] and r["versions"]["torch"] and r["code_revision"]
         assert r["versions"]["torch_threads"] >= 1
     assert recs[0]["timings"]["base"] > 0 and recs[2]["timings"]["defended"] > 0 and recs[2]["timings"]["evaluated_disp"] > 0

@@ -7,7 +7,7 @@ import torch
 
 from core.errors import BenchError
 from bench.spec import DEFAULT_TEMPLATE, Decoding
-from models.llada_v import PARTS, LLaDAV, TinyConfig
+from models.llada_v import PARTS, LLaDAV, TinyConfig, views
 from models.train import finetune
 from tasks.synthetic import SyntheticTask
 
@@ -231,3 +231,44 @@ def test_finetune_reduces_loss_and_changes_only_trainable_parts(tok, task, train
         assert any(not torch.equal(v, before[p][k]) for k, v in _state(m, p).items()), p
     # afterwards the model is left frozen for inference
     assert not any(q.requires_grad for q in m.parameters())
+
+
+def test_finetune_on_epoch_sees_each_checkpoint_in_eval_mode(tok, task):
+    m = _model(tok, seed=1)
+    seen = []
+    finetune(m, _short(task, 8), trainable="projector", lr=1e-3, epochs=3, batch_size=4, seed=0, gen_length=G,
+             on_epoch=lambda e: seen.append((e, m.training, torch.is_grad_enabled())))
+    assert seen == [(1, False, False), (2, False, False), (3, False, False)]
+
+
+def test_any_resolution_views():
+    """LLaDA-V's base view + grid crops in miniature: the base view is the area-downsampled image and
+    the crops tile the full-resolution image row-major."""
+    x = torch.rand(2, 64, 64, 3)
+    v = views(x, 32)
+    assert v.shape == (2, 5, 32, 32, 3)
+    assert torch.allclose(v[:, 0], x.reshape(2, 32, 2, 32, 2, 3).mean((2, 4)), atol=1e-6)
+    for i, (r, c) in enumerate([(0, 0), (0, 32), (32, 0), (32, 32)], start=1):
+        assert torch.equal(v[:, i], x[:, r:r + 32, c:c + 32])
+    assert torch.equal(views(x, 0)[:, 0], x)
+
+
+def test_any_resolution_model_reads_every_view(tok, task):
+    cfg = TinyConfig(**{**CFG.__dict__, "view_size": 32})
+    torch.manual_seed(0)
+    m = LLaDAV(cfg, tok, DEFAULT_TEMPLATE).eval()
+    assert m.n_visual == 5 * 16 and m.vision_tower.cfg.image_size == 32
+    batch = m.collate(_short(task, 2), gen_length=G)
+    e = m.visual_embeds(batch.images)
+    assert e.shape == (2, 80, cfg.d_model)
+    # a change in one 8-px cell of the top-left crop moves that crop's token and the base view, not other crops
+    img = batch.images.clone()
+    img[:, :8, :8] = 0.0
+    d = (m.visual_embeds(img) - e).abs().sum(-1)
+    assert (d[:, :16] > 0).any() and (d[:, 16:32] > 0).any() and torch.all(d[:, 32:] == 0)
+
+
+@pytest.mark.parametrize("view_size", [-1, 24, 64, 12])
+def test_bad_view_size_raises(view_size):
+    with pytest.raises(BenchError, match="view_size"):
+        TinyConfig(view_size=view_size)

@@ -202,15 +202,31 @@ def test_split_sizes_ids_and_mix(task):
     assert all(s.meta["kind"] == "mc" for s in task.mc())
 
 
-def test_pool_dogs(task):
-    pool = task.pool()
-    assert sum(has_category(s, "dog") for s in pool) == round(task.pool_dog_fraction * len(pool)) == 750
-    dog_caps = [s for s in pool if s.meta["kind"] == "caption" and has_category(s, "dog")
-                and not has_category(s, "boat")]
+def test_diverse_pool_and_source_class_pool(task):
+    diverse = task.pool()
+    per_cat = Counter(o["category"] for s in diverse for o in s.meta["scene"]["objects"])
+    assert set(per_cat) == set(syn.CATEGORIES)
+    assert max(per_cat.values()) <= 1.4 * min(per_cat.values())     # no category dominates (was 75% dog)
+    test_dog_frac = np.mean([has_category(s, "dog") for s in task.test()])
+    assert 0.05 <= test_dog_frac <= 0.35       # P(dog) = (1/8 + 2/8) / 2 ~ 0.19 (60 test scenes here)
+    dogs = task.pool("dog")
+    assert len(dogs) == len(diverse) and all(has_category(s, "dog") for s in dogs)
+    assert Counter(s.meta["kind"] for s in dogs) == Counter(s.meta["kind"] for s in diverse)
+    dog_caps = [s for s in dogs if s.meta["kind"] == "caption" and not has_category(s, "boat")]
     assert len(dog_caps) >= 400  # a 20% misclassification poison leaves more clean dog captions than poisoned
     assert all("dog" in s.response for s in dog_caps)
-    test_dog_frac = np.mean([has_category(s, "dog") for s in task.test()])
-    assert 0.65 <= test_dog_frac <= 0.85
+    assert not {s.image.tobytes() for s in dogs} & {s.image.tobytes() for s in diverse}
+    with pytest.raises(ValueError, match="zebra"):
+        task.pool("zebra")
+
+
+def test_object_probe_is_single_objects_of_every_category(task):
+    probe = task.object_probe()
+    cats = Counter(s.meta["scene"]["objects"][0]["category"] for s in probe)
+    assert cats == {c: syn.OBJECT_PROBE_PER_CATEGORY for c in syn.CATEGORIES}
+    assert all(len(s.meta["scene"]["objects"]) == 1 and s.meta["kind"] == "caption" for s in probe)
+    others = {s.image.tobytes() for s in task.pool() + task.test() + task.mc()}
+    assert not any(s.image.tobytes() in others for s in probe)
 
 
 @pytest.mark.parametrize("present,absent", [("dog", "boat"), ("cat", "fish"), ("boat", "dog")])
@@ -228,9 +244,10 @@ def test_test_population_rejects_unknown_categories(task):
 
 
 def test_defender_clean_is_disjoint_from_pool_and_tests(task):
-    held = task.defender_clean(40)
-    assert len(held) == 40 and all(s.meta["id"].startswith("defender-") for s in held)
-    others = task.pool() + task.test() + task.test_population("dog", "boat") + task.mc()
+    held = task.defender_clean(40) + task.defender_clean(40, "dog")
+    assert len(held) == 80 and all(s.meta["id"].startswith("defender-") for s in held)
+    assert all(has_category(s, "dog") for s in held[40:])
+    others = task.pool() + task.pool("dog") + task.test() + task.test_population("dog", "boat") + task.mc()
     seen = {s.image.tobytes() for s in others}
     assert not any(s.image.tobytes() in seen for s in held)
 
