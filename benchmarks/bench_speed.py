@@ -1,6 +1,9 @@
 """Speed and memory of the default `bench run`, as ratios to the targets (not a test).
 
-    python benchmarks/bench_speed.py [--target insertion] [--skip-runs]
+    python benchmarks/bench_speed.py [--target insertion] [--skip-runs] [--model-arg k=v ...]
+
+`--model-arg` (repeatable) measures another replica than the default, e.g. the pre-issue-14 single
+view `--model-arg view_size=0`: the cost of a replica choice stays visible beside the adopted one.
 
 cold: `bench run` from an empty artifact cache (encoder + base training included), target <= 600 s.
 warm: the same command with only the base stage cached, target <= 180 s.
@@ -24,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def timed_run(cache: Path, results: Path, target: str) -> tuple[float, float]:
+def timed_run(cache: Path, results: Path, target: str, model_args: list[str] = ()) -> tuple[float, float]:
     """Wall seconds and peak RSS (GiB) of one `bench run` in a child process."""
     env = dict(os.environ, BENCH_CACHE=str(cache))
     cmd = [sys.executable, "-m", "bench.cli", "run", "--model", "llada-v", "--attack", "badnets",
            "--target", target, "--defense", "disp", "--results", str(results)]
+    cmd += [x for kv in model_args for x in ("--model-arg", kv)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -67,16 +71,18 @@ def main() -> None:
     ap.add_argument("--target", default="insertion")
     ap.add_argument("--skip-runs", action="store_true", help="only the saliency micro-benchmark")
     ap.add_argument("--keep", default=None, help="keep the cold run's cache and both runs' records under this dir")
+    ap.add_argument("--model-arg", action="append", default=[], metavar="K=V", help="measure another replica")
     a = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
+          f"replica: {' '.join(a.model_arg) or 'default'}")
     if not a.skip_runs:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(a.keep) if a.keep else Path(tmp)
             cache, warm_cache = tmp / "cache", tmp / "cache-warm"
-            cold, rss_cold = timed_run(cache, tmp / "results", a.target)
+            cold, rss_cold = timed_run(cache, tmp / "results", a.target, a.model_arg)
             shutil.rmtree(warm_cache, ignore_errors=True)
             shutil.copytree(cache / "base", warm_cache / "base")  # warm = only the base model cached
-            warm, rss_warm = timed_run(warm_cache, tmp / "results-warm", a.target)
+            warm, rss_warm = timed_run(warm_cache, tmp / "results-warm", a.target, a.model_arg)
         rss = max(rss_cold, rss_warm)
         print(f"cold bench run : {cold:7.1f} s   ratio to 600 s target: {cold / 600:.2f}")
         print(f"warm bench run : {warm:7.1f} s   ratio to 180 s target: {warm / 180:.2f}")
