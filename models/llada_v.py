@@ -31,7 +31,7 @@ class TinyConfig:
 
     image_size: int = 64
     patch: int = 8
-    view_size: int = 0               # 0: one view of the whole image; else LLaDA-V's any-resolution layout (views())
+    view_size: int = 32              # LLaDA-V's any-resolution layout in miniature (views()); 0: one view of the whole image
     enc_dim: int = 64
     enc_layers: int = 4
     enc_heads: int = 4

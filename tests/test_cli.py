@@ -254,7 +254,7 @@ def test_dualkey_run_reports_partial_trigger_asr(tmp_path, cache, capsys):
         assert r["spec"]["attack_args"]["text_key"] == "consider"
         rows = [json.loads(line) for line in (results / r["outputs"]).read_text().splitlines()]
         variants = {str(x["triggered"]) for x in rows}
-        assert variants == {"False", "True", "image_only", "text_only"}
+        assert variants == {"False", "True", "image_only", "text_only", "train"}
         text_only = [x for x in rows if x["triggered"] == "text_only"]
         assert all(x["prompt"].startswith("consider ") for x in text_only)
         image_only = [x for x in rows if x["triggered"] == "image_only"]

@@ -21,9 +21,9 @@ from tasks.synthetic import Tokenizer
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only contend with other jobs on the box
 
-# 32 px images, 8 px patches -> 16 visual tokens; a short prompt budget keeps sequences short
+# 32 px images, 8 px patches, one view -> 16 visual tokens; a short prompt budget keeps sequences short
 CFG = TinyConfig(image_size=32, patch=8, max_prompt=8, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64,
-                 enc_dim=32, enc_layers=2, enc_heads=2)
+                 enc_dim=32, enc_layers=2, enc_heads=2, view_size=0)
 BL, GL = 4, 8  # block_length, gen_length of the saliency's first block
 
 

@@ -13,7 +13,7 @@ from tasks.synthetic import SyntheticTask
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only contend with other jobs on the box
 
-CFG = TinyConfig(d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, enc_dim=32, enc_layers=2, enc_heads=2)
+CFG = TinyConfig(d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, enc_dim=32, enc_layers=2, enc_heads=2, view_size=0)
 G = 16  # gen_length used in these tests
 
 
@@ -48,7 +48,7 @@ def _short(task, n, max_words=G - 1):
 def test_collate_shapes_and_layout(model, task, tok):
     samples = _short(task, 3)
     b = model.collate(samples, gen_length=G)
-    T = CFG.encoder().n_tokens
+    T = CFG.n_views * CFG.encoder().n_tokens  # base view + crops
     S = 2 + T + CFG.max_prompt + 1          # <bos> <|user|> [visual]*T prompt+pads <|assistant|>
     assert b.images.shape == (3, 64, 64, 3) and b.images.dtype == torch.float32
     assert b.ids.shape == (3, S) and b.key_mask.shape == (3, S) and b.key_mask.dtype == torch.bool

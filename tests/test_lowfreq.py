@@ -14,11 +14,12 @@ from core import registry
 from core.errors import BenchError
 from tasks.synthetic import CATEGORIES, SyntheticTask
 
-# Reduced fit: 30 pool images per class (240; the full pool is 75 % dog scenes, which a briefly
-# trained surrogate would simply call "dog" everywhere), 8 surrogate epochs, <= 100 images per pass.
-# The target is "dog": with this weak surrogate it is reached on every seed tried (rates 0.59-1.0
-# after one pass), so the test checks the loop's mechanics, not luck.
-FIT = dict(target_class="dog", surrogate_epochs=8, n_fit=100)
+# Reduced fit: 30 pool images per class (240), 8 surrogate epochs, <= 100 images per pass. The target
+# is the default "bird": with this weak surrogate (train acc 0.15) it is reached after one pass on the
+# diverse pool, seed 0 (rate 0.44; 15 epochs: 0.94), so the test checks the loop's mechanics. Toward
+# "dog" the same fit stalls at 0.0 (15 epochs: 0.125): which class a smoothed perturbation can reach
+# depends on the surrogate and the pool, which is why the criterion is checked on every fit.
+FIT = dict(target_class="bird", surrogate_epochs=8, n_fit=100)
 SEED = 0
 
 
