@@ -147,6 +147,12 @@ def list_(args_of) -> None:
             obj = registry.get(kind, name)
             doc = (obj.__doc__ or "").strip().splitlines()
             click.echo(f"{KINDS_SINGULAR[kind]:<8} {name:<20} {doc[0] if doc else ''}")
+            if kind == "models":     # family, scales, capabilities and trainable-part choices of a victim
+                click.echo(f"{'':<29} family: {getattr(obj, 'family', '?')}; scales: {', '.join(obj.scales)}; "
+                           f"capabilities: {', '.join(getattr(obj, 'capabilities', ())) or 'core only'}; "
+                           f"trainable: {', '.join(getattr(obj, 'trainable_parts', ())) or '?'}")
+            elif kind == "defenses" and getattr(obj, "requires", ()):
+                click.echo(f"{'':<29} needs a victim with: {', '.join(obj.requires)}")
 
 
 def _method_args(kind: str, obj: Any) -> list[tuple[str, Any, str]]:

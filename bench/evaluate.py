@@ -37,9 +37,7 @@ def mc_predictions(model, samples: Sequence[Sample], gen_length: int, mask_all_v
         chunk = samples[i:i + batch_size]
         batch = model.collate(chunk, with_response=False)
         vmask = torch.ones(len(chunk), model.n_visual, dtype=torch.bool) if mask_all_visual else None
-        pe = model.prompt_embeds(batch, visual_mask=vmask)
-        answer = torch.full((len(chunk), gen_length), model.mask_id, dtype=torch.long)
-        first = model.answer_logits(pe, batch.key_mask, answer)[:, 0]
+        first = model.first_answer_logits(batch, visual_mask=vmask, gen_length=gen_length)
         for s, row in zip(chunk, first):
             options = s.meta["options"]
             ids = torch.tensor([model.tok.token(x) for x in options])

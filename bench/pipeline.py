@@ -133,8 +133,14 @@ class Cell:
 
     # ---- checks before any work ------------------------------------------------------------------
     def preflight(self) -> None:
-        """Everything that can fail without training fails here, as one line: the target against the
-        task, the words an attack adds against the vocabulary, and the sample counts poisoning needs."""
+        """Everything that can fail without training fails here, as one line: the victim's capabilities
+        against the defense's needs, the target against the task, the words an attack adds against the
+        vocabulary, and the sample counts poisoning needs."""
+        has = tuple(getattr(self.entry, "capabilities", ()))
+        missing = [c for c in getattr(self.defense, "requires", ()) if c not in has]
+        if missing:
+            raise BenchError(f"defense {self.spec.defense} needs a {', '.join(missing)} victim; model {self.spec.model} "
+                             f"is a {getattr(self.entry, 'family', 'model')} (capabilities: {', '.join(has) or 'none'})")
         self.target.check(self.task)
         sample = next((x for x in self.target.test_inputs(self.task) if self.target.eligible(x)), None)
         texts = [(f"target {self.spec.target}", self.target.rewrite(sample))] if sample is not None else []

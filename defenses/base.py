@@ -85,6 +85,7 @@ class Defense:
     uses_oracle: bool = False       # True: receives poison flags (the oracle); marked in records and tables
     clean_slice: int = 0            # held-out clean samples the defense needs (0: none)
     kind: str = "purify"            # purify | filter | objective | guard | none
+    requires: tuple[str, ...] = ()  # victim capabilities the defense needs (models.base.CAPABILITIES)
 
     def __init__(self, **params):
         self.cfg = self.Config(**params)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from core.errors import BenchError
 from core.registry import register
 from defenses.base import Defense, DefenseContext
-from models.base import Batch
+from models.base import MASKED_DIFFUSION, Batch
 from tasks.base import Sample
 
 MASK_MODES = ("saliency", "none", "random")
@@ -138,6 +138,7 @@ def fit_answer(model, text: str, gen_length: int) -> tuple[str, bool]:
 
 class DiSP(Defense):
     Config, kind = DiSPConfig, "purify"
+    requires = (MASKED_DIFFUSION,)   # saliency w.r.t. e_MASK and generation with visual positions held masked
 
     def purify(self, model, data: Sequence[Sample], ctx: DefenseContext):
         spec, dec, cfg = ctx.spec, ctx.spec.decoding, self.cfg

@@ -1,7 +1,10 @@
-"""The victim-model contract every architecture implements (tiny replicas and full-scale adapters).
+"""The victim-model contract: a core every architecture implements (tiny replicas and full-scale
+adapters, diffusion and autoregressive) and capabilities some families add.
 
-Defenses talk to models only through this interface: DiSP and cross-view need the visual input
-embeddings, gradients w.r.t. them, and generation with chosen visual positions held masked.
+Defenses talk to models only through this interface and declare the capabilities they need
+(``Defense.requires``); a cell whose victim lacks one is refused before any work. DiSP needs
+``masked-diffusion`` (a mask embedding that means "unknown" in the context, generation with chosen
+visual positions held masked).
 """
 from __future__ import annotations
 
@@ -35,16 +38,45 @@ class Batch:
                         for f in fields(self)})
 
 
-class VictimModel(Protocol):
-    """What the pipeline, the metrics and every defense may call."""
+MASKED_DIFFUSION = "masked-diffusion"
+CAPABILITIES = (MASKED_DIFFUSION,)
 
-    visual_span: slice          # positions of the visual tokens in the prompt sequence
-    mask_id: int
+
+class VictimModel(Protocol):
+    """The core every victim implements, whatever its family: what the pipeline, the metrics and a
+    family-agnostic defense may call. A model entry lists its extra capabilities in ``capabilities``."""
+
+    n_visual: int                 # visual tokens per image
 
     def collate(self, samples: Sequence[Sample], with_response: bool = True) -> Batch: ...
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        """Encoder + projector: (B, T_img, d) visual input embeddings."""
+        """Encoder + projector: (B, T_img, d) visual input embeddings (differentiable w.r.t. the projector)."""
+
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def first_answer_logits(self, batch: Batch, visual_mask: torch.Tensor | None = None,
+                            gen_length: int = 32) -> torch.Tensor:
+        """(B, V) logits of the first answer token given the prompt (option scoring for CP);
+        ``visual_mask`` hides those visual tokens (all of them: CP blind); ``gen_length`` is the
+        answer a masked-diffusion model sees fully masked (an autoregressive one ignores it)."""
+
+    def generate(self, batch: Batch, decoding, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def set_trainable(self, parts: str) -> None: ...
+
+    def decode(self, ids: torch.Tensor) -> list[str]: ...
+
+
+class MaskedDiffusion(VictimModel, Protocol):
+    """The masked-diffusion capability (LLaDA-V, LaViDa): a mask token that means "unknown" anywhere in
+    the context, answer logits under a partly masked answer, and generation with chosen visual
+    positions held at the mask embedding (what DiSP's masked inference needs)."""
+
+    visual_span: slice            # positions of the visual tokens in the prompt sequence
+    mask_id: int
+
+    def mask_embedding(self) -> torch.Tensor: ...
 
     def prompt_embeds(self, batch: Batch, visual: torch.Tensor | None = None,
                       visual_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,13 +86,5 @@ class VictimModel(Protocol):
                       answer_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, G, V) of the answer segment given the prompt embeddings and current answer ids."""
 
-    def mask_embedding(self) -> torch.Tensor: ...
-
-    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor: ...
-
     def generate(self, batch: Batch, decoding, visual_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor: ...
-
-    def set_trainable(self, parts: str) -> None: ...
-
-    def decode(self, ids: torch.Tensor) -> list[str]: ...

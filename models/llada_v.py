@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import Batch
+from models.base import MASKED_DIFFUSION, Batch
 from models.encoder import EncoderConfig, VisionTower, pretrain_mim
 from models.llada import LLaDA, LMConfig, generate, sft_loss
 from models.train import finetune
@@ -178,6 +178,13 @@ class LLaDAV(nn.Module):
         km = torch.cat([key_mask, torch.ones_like(answer_ids, dtype=torch.bool)], dim=1)
         return self.lm(x, km)[:, prompt_embeds.shape[1]:]
 
+    def first_answer_logits(self, batch: Batch, visual_mask: torch.Tensor | None = None,
+                            gen_length: int = 32) -> torch.Tensor:
+        """The first answer position's logits with the whole answer masked (lmms-eval loglikelihood-style)."""
+        pe = self.prompt_embeds(batch, visual_mask=visual_mask)
+        answer = torch.full((len(batch), gen_length), self.mask_id, dtype=torch.long)
+        return self.answer_logits(pe, batch.key_mask, answer)[:, 0]
+
     # ---- objectives and decoding ---------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         pe = self.prompt_embeds(batch, visual_mask=batch.visual_mask)
@@ -219,6 +226,9 @@ class LLaDAVEntry:
     """LLaDA-V (ML-GSAI): vision tower -> mlp2x_gelu projector -> LLaDA; scale tiny (local replica)."""
 
     scales = ("tiny",)
+    family = "masked-diffusion VLM"
+    capabilities = (MASKED_DIFFUSION,)
+    trainable_parts = tuple(PARTS)
     resolve = staticmethod(_resolve)
 
     @staticmethod

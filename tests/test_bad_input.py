@@ -104,3 +104,32 @@ def test_bad_input_is_refused_before_any_work(args, env, needle, tmp_path, monke
 def test_spec_refuses_settings_the_cli_does_not_expose(make):
     with pytest.raises(BenchError):
         make()
+
+
+def test_defense_needing_a_capability_the_victim_lacks_is_refused(tmp_path, monkeypatch, capsys):
+    """A defense declares the victim capabilities it needs (Defense.requires); a cell whose model lacks
+    one is refused before any work, naming both (e.g. DiSP on an autoregressive victim)."""
+    from dataclasses import dataclass
+
+    from core import registry
+    from defenses.base import Defense
+
+    @dataclass(frozen=True)
+    class NoArgs:
+        pass
+
+    class NeedsXAttn(Defense):
+        """Needs gated cross-attention layers."""
+        Config, requires = NoArgs, ("gated-cross-attention",)
+
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
+    registry.register("defenses", "needs-xattn")(NeedsXAttn)
+    monkeypatch.setattr(ArtifactCache, "get_or_compute", lambda *a: (_ for _ in ()).throw(WorkStarted("work")))
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--results", str(results), "--cache", str(cache), "--defense", "needs-xattn"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert ("defense needs-xattn needs a gated-cross-attention victim; model llada-v is a masked-diffusion VLM "
+            "(capabilities: masked-diffusion)") in err
+    assert files_under(results) == [] and files_under(cache) == []

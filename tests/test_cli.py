@@ -93,6 +93,11 @@ def test_list_shows_every_registered_name(capsys):
                        ("target", "keyword"), ("attack", "badnets-classic")] + [
             ("attack", a) for a in ("noise", "multi", "blended", "lowfreq", "wanet", "inputaware", "dualkey")]:
         assert (kind, name) in names
+    # a victim's family, scales, capabilities and trainable parts; what a defense needs of its victim
+    assert ("family: masked-diffusion VLM; scales: tiny; capabilities: masked-diffusion; "
+            "trainable: projector, projector+lm, all") in out
+    lines = out.splitlines()
+    assert "needs a victim with: masked-diffusion" in lines[lines.index(next(x for x in lines if x.startswith("defense  disp "))) + 1]
 
 
 @pytest.mark.slow
