@@ -12,6 +12,7 @@ rows in one locked write.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import uuid
@@ -50,13 +51,27 @@ def task_defaults(task_cls) -> dict:
 
 
 def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = "insertion", defense: str = "disp",
-              seed: int = 0, poison_rate: float = 0.2, scale: str = "tiny", task: str = "synthetic",
+              seed: int = 0, poison_rate: float | None = None, scale: str = "tiny", task: str = "synthetic",
               trainable: str | None = None,
               recipe: dict | None = None, decoding: dict | None = None, prompt_template: str | None = None,
               model_args: dict | None = None, task_args: dict | None = None, attack_args: dict | None = None,
               target_args: dict | None = None, defense_args: dict | None = None) -> RunSpec:
-    """Validate every name against the registries and resolve every method's params (defaults filled)."""
+    """Validate every name against the registries and resolve every method's params (defaults filled).
+
+    A model entry's ``cell_defaults`` (its paper's cell settings, e.g. LaViDa's centre trigger, DiSP mask
+    ratio 0.5 and 40% misclassification poison) and ``decoding_defaults`` fill what the caller left
+    unset, for the args the chosen methods have; the resolved values are what the spec records."""
     entry = get("models", model)
+    cell = getattr(entry, "cell_defaults", {})
+    if poison_rate is None:
+        poison_rate = cell.get("poison_rate", {}).get(target, RunSpec.poison_rate)
+
+    def with_cell(kind: str, cls, given: dict | None) -> dict:
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        return {**{k: v for k, v in cell.get(f"{kind}_args", {}).items() if k in names}, **(given or {})}
+    attack_args = with_cell("attack", get("attacks", attack), attack_args)
+    defense_args = with_cell("defense", get("defenses", defense), defense_args)
+    decoding = {**getattr(entry, "decoding_defaults", {}), **(decoding or {})}
     if scale not in entry.scales:
         raise BenchError(f"unknown scale {scale!r} for {model} (valid: {', '.join(entry.scales)})")
     task_cls = get("tasks", task)

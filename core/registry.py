@@ -26,6 +26,7 @@ BUILTIN_MODULES = (
     "attacks.dualkey",
     "attacks.targets",
     "models.llada_v",
+    "models.lavida",
     "defenses.none",
     "defenses.disp",
 )

@@ -56,11 +56,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, pos, attn_mask):
+    def forward(self, x, pos, attn_mask, past=None, keep=None):
+        """past: this layer's cached (k, v) of a prefix, attended before x's own keys; keep: a list that
+        receives this layer's (k, v) (a prefix cache being built)."""
         B, L, d = x.shape
         h = lambda t: t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)
         q, k, v = h(self.q_proj(x)), h(self.k_proj(x)), h(self.v_proj(x))
         q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
+        if keep is not None:
+            keep.append((k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # bidirectional: no causal mask
         return self.o_proj(y.transpose(1, 2).reshape(B, L, d))
 
@@ -84,8 +90,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos, attn_mask):
-        x = x + self.self_attn(self.input_layernorm(x), pos, attn_mask)
+    def forward(self, x, pos, attn_mask, past=None, keep=None):
+        x = x + self.self_attn(self.input_layernorm(x), pos, attn_mask, past, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -106,14 +112,20 @@ class LLaDA(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, embeds: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, key_mask: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+                pos: torch.Tensor | None = None, past: list | None = None, keep: list | None = None) -> torch.Tensor:
         """embeds (B, L, d); key_mask (B, L) True where a real token. Padding is invisible to attention
-        and positions count real tokens only, so padding never shifts RoPE distances."""
-        pos = key_mask.long().cumsum(-1) - 1
-        attn_mask = key_mask[:, None, None, :]
+        and positions count real tokens only, so padding never shifts RoPE distances.
+
+        For a prefix cache (LaViDa's Prefix-DLM): ``keep`` collects every layer's (k, v); a later call
+        passes them as ``past`` with ``pos`` of its own tokens and an ``attn_mask`` over prefix + own keys."""
+        if pos is None:
+            pos = key_mask.long().cumsum(-1) - 1
+        if attn_mask is None:
+            attn_mask = key_mask[:, None, None, :]
         x = embeds
-        for blk in self.layers:
-            x = blk(x, pos, attn_mask)
+        for i, blk in enumerate(self.layers):
+            x = blk(x, pos, attn_mask, None if past is None else past[i], keep)
         return self.lm_head(self.norm(x))
 
 
@@ -145,19 +157,21 @@ def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int, gen_length: int, mask_id: int,
              steps: int, block_length: int, remasking: str = "low_confidence",
-             generator: torch.Generator | None = None, device: str = "cpu") -> torch.Tensor:
+             generator: torch.Generator | None = None, device: str = "cpu",
+             transfer: Callable[[torch.Tensor, int], torch.Tensor] = num_transfer_tokens) -> torch.Tensor:
     """Semi-autoregressive masked-diffusion sampling, greedy (LLaDA generate.py, temperature 0).
 
     The answer starts all-MASK; blocks of block_length are filled left to right, each in
     steps/num_blocks steps; a step commits the k masked positions of the current block with the
     highest confidence (low_confidence: softmax prob of the argmax; random: uniform scores).
-    logits_fn maps the current answer ids (B, G) to answer logits (B, G, V)."""
+    logits_fn maps the current answer ids (B, G) to answer logits (B, G, V); transfer(n_masked, steps)
+    gives how many tokens each step commits (LLaDA: an even split; LaViDa: its shifted schedule)."""
     x = torch.full((batch, gen_length), mask_id, dtype=torch.long, device=device)
     n_blocks = gen_length // block_length
     per_block = steps // n_blocks
     for b in range(n_blocks):
         lo, hi = b * block_length, (b + 1) * block_length
-        k = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(1), per_block)
+        k = transfer((x[:, lo:hi] == mask_id).sum(1), per_block)
         for i in range(per_block):
             is_mask = x == mask_id
             logits = logits_fn(x)

@@ -464,3 +464,19 @@ def test_leaderboard_writes_next_to_the_results_by_default(tmp_path, capsys, mon
     assert not (tmp_path / "leaderboards").exists()
     code, _, err = bench(["leaderboard", "--results", str(results), "--out", str(tmp_path / "board")], capsys)
     assert code == 0, err and files_under(tmp_path / "board")
+
+
+def test_lavida_quoted_command_runs_with_its_papers_cell_settings(tmp_path, cache, capsys):
+    """`bench run --attack blended --defense disp --model lavida`, on the reduced config: every stage of
+    the real pipeline, LaViDa's decoding and DiSP mask ratio recorded in the spec."""
+    results = tmp_path / "results"
+    code, out, err = bench(["run", "--results", str(results), "--attack", "blended", "--defense", "disp",
+                            "--model", "lavida"] + SMALL, capsys)
+    assert code == 0, err
+    assert "lavida (tiny) · blended" in out
+    recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
+    spec = recs[-1]["spec"]
+    assert spec["model"] == "lavida" and spec["defense_args"]["mask_ratio"] == 0.5
+    assert spec["decoding"]["block_length"] == 32 and spec["decoding"]["steps"] == 4    # --steps wins
+    assert spec["model_args"]["pool_side"] == 2
