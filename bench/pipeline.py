@@ -32,12 +32,16 @@ from bench.spec import Decoding, Recipe, RunSpec, digest, freeze
 from core.errors import BenchError
 from core.params import coerce_params, resolve_config
 from core.registry import get
-from defenses.base import DefenderSpec, DefenseContext, defender_seed, defender_view
+from defenses.base import DefenderSpec, DefenseContext, defender_seed, defender_view, view_order
 
 ROW_STAGE = {"clean": "clean", "backdoored": "backdoored"}   # row -> the stage its model comes from (else defended)
 # Which stages each row's numbers descend from (the record's lineage), in run order.
 LINEAGE = {"clean": ("base", "clean", "trigger"), "backdoored": ("base", "trigger", "backdoored"),
-           "defended": ("base", "trigger", "backdoored", "defended")}
+           "defended": ("base", "trigger", "backdoored", "defended"),
+           "defended:objective": ("base", "trigger", "defended")}   # trained from base + poisoned set
+# What the defended stage starts from, by the defense's hook (Defense.kind).
+DEFENDED_DEPS = {"purify": ["backdoored", "trigger"], "guard": ["backdoored", "trigger"], "none": ["backdoored", "trigger"],
+                 "filter": ["base", "backdoored", "trigger"], "objective": ["base", "trigger"]}
 STAGE_LABEL = {"base": "base model (encoder MIM + LM)", "clean": "clean fine-tune", "trigger": "trigger fit",
                "backdoored": "backdoor fine-tune", "defended": "defense"}
 # Rough seconds per stage at the default tiny config on 2 cores (README "Performance"); the ETA scales
@@ -233,13 +237,14 @@ class Cell:
         return m.eval()
 
     def finetune(self, model, samples, *, epochs: int | None = None, trainable: str | None = None,
-                 desc: str = "fine-tune", on_epoch: Callable[[int], None] | None = None) -> list[float]:
+                 desc: str = "fine-tune", on_epoch: Callable[[int], None] | None = None,
+                 objective: Callable | None = None) -> list[float]:
         """The victim recipe (optionally with other epochs / parts), as every row trains."""
         from models.train import finetune
         r = self.spec.recipe
         return finetune(model, samples, trainable=trainable or self.spec.trainable, lr=r.lr,
                         epochs=r.epochs if epochs is None else epochs, batch_size=r.batch_size,
-                        seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc, on_epoch=on_epoch)
+                        seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc, on_epoch=on_epoch, objective=objective)
 
     # ---- stages --------------------------------------------------------------------------------
     def base(self) -> dict:
@@ -279,19 +284,64 @@ class Cell:
                             defense_args=s.defense_args, seed=defender_seed(s.seed))
 
     def defended(self) -> dict:
+        """The defense's row, dispatched on its hook (defenses/base.py): purify the backdoored model;
+        filter the training set and retrain from the base; train from the base with the defense's
+        objective added; or fit an inference-time guard around the backdoored model."""
         def compute():
-            m = self.model_from(self.backdoored()["state"])
+            kind = self.defense.kind
+            pool = self.poisoned_pool()
             if self.defense.uses_oracle:          # the oracle: the poisoned set with its flags, as poisoned
-                data, clean = self.poisoned_pool(), []
+                data, clean = pool, []
             else:                                 # a defender: image, prompt, response, opaque id; secret order
-                data = defender_view(self.poisoned_pool(), self.keys["defended"])
+                data = defender_view(pool, self.keys["defended"])
                 n = int(self.defense.clean_slice)
                 clean = defender_view(self.task.defender_clean(n, self.target.pool_population()), self.keys["defended"] + ":clean") if n else []
             ctx = DefenseContext(spec=self.defender_spec(), finetune=self.finetune,
                                  base_model=lambda: self.model_from(self.base()["state"]), log=self.log, clean=clean)
-            m = self.defense.purify(m, data, ctx)
-            return {"state": m.state_dict(), "info": self.defense.report}
+            out: dict = {}
+            if kind == "objective":
+                m = ctx.base_model()
+                self.finetune(m, pool, desc=f"{self.spec.defense} fine-tune",
+                              objective=lambda model, batch: self.defense.objective(model, batch, ctx))
+                info = dict(self.defense.report)
+            elif kind == "filter":
+                kept = self.defense.filter_data(data, self.model_from(self.backdoored()["state"]), ctx)
+                kept_pool = self._kept(pool, data, kept)
+                m = ctx.base_model()
+                self.finetune(m, kept_pool, desc=f"{self.spec.defense} retrain")
+                removed = [s for s in pool if not any(s is k for k in kept_pool)]
+                # what the filter removed, for the record only (the defense never sees the flags)
+                info = {**self.defense.report, "n_kept": len(kept_pool),
+                        "removed_poisoned": sum(bool(s.meta["poisoned"]) for s in removed),
+                        "removed_clean": sum(not s.meta["poisoned"] for s in removed)}
+            elif kind == "guard":
+                m = self.model_from(self.backdoored()["state"])
+                out["guard"] = self.defense.fit_guard(m, data, ctx)
+                info = dict(self.defense.report)
+            else:
+                m = self.defense.purify(self.model_from(self.backdoored()["state"]), data, ctx)
+                info = dict(self.defense.report)
+            return {"state": m.state_dict(), "info": info, **out}
         return self._stage("defended", self.keys["defended"], compute)
+
+    def _kept(self, pool: list, data: list, kept: list) -> list:
+        """The pool samples a filter kept, in pool order, from the view samples it returned."""
+        if self.defense.uses_oracle:
+            ids = {id(s) for s in kept}
+            return [s for s in pool if id(s) in ids]
+        order = view_order(len(pool), self.keys["defended"])
+        by_view_id = {v.meta["id"]: int(order[j]) for j, v in enumerate(data)}
+        unknown = [s for s in kept if s.meta.get("id") not in by_view_id]
+        if unknown:
+            raise BenchError(f"defense {self.spec.defense}: filter_data returned samples that are not in its training set")
+        return [pool[i] for i in sorted({by_view_id[s.meta["id"]] for s in kept})]
+
+    def guard_fn(self, row: str) -> Callable | None:
+        """For a guard defense's row: samples -> flags, with the guard state stored by the defended stage."""
+        if row in ROW_STAGE or self.defense.kind != "guard":
+            return None
+        state = self.defended().get("guard", {})
+        return lambda model, samples: self.defense.guard(model, samples, state)
 
     def poisoned_training_inputs(self) -> list:
         """The poisoned samples of the training pool, as the victim was trained on them."""
@@ -313,7 +363,7 @@ class Cell:
             partial = {name: triggered(clean_inputs, trigger, self.spec.seed, partial=name) for name in trigger.partials()}
             partial["train"] = self.poisoned_training_inputs()    # asr_train: does the model fit its poison
             metrics, rows, mc, objects = evaluate(model, self.task, self.target, clean_inputs, trig_inputs,
-                                                  self.spec.decoding, self.spec.seed, partial)
+                                                  self.spec.decoding, self.spec.seed, partial, guard=self.guard_fn(row))
             return {"metrics": metrics, "rows": rows, "mc": mc, "object_accuracy": objects}
         return self._stage("evaluated", key, compute, label=f"evaluated_{row}") | {"key": key}
 
@@ -331,7 +381,7 @@ class Cell:
         """The stages this run must compute, in the order they run (dependencies first); cached ones and
         those only a cached stage needed are left out."""
         deps = {"base": [], "clean": ["base"], "trigger": [], "backdoored": ["base", "trigger"],
-                "defended": ["backdoored", "trigger"]}
+                "defended": DEFENDED_DEPS.get(self.defense.kind, ["backdoored", "trigger"])}
         order: list[str] = []
 
         def need(stage: str) -> None:
@@ -372,7 +422,9 @@ class Cell:
     def lineage(self, row: str, eval_key: str) -> dict:
         """The chain of stages this row's numbers descend from: key and provenance of each artifact."""
         out = {}
-        for stage in LINEAGE[self.row_stage(row)]:
+        stage_of = self.row_stage(row)
+        kind = "defended:objective" if stage_of == "defended" and self.defense.kind == "objective" else stage_of
+        for stage in LINEAGE[kind]:
             meta = self.cache.meta(stage, self.keys[stage]) if self.cache.has(stage, self.keys[stage]) else {}
             out[stage] = {"key": self.keys[stage], "provenance": meta.get("provenance"), "info": meta.get("info")}
         meta = self.cache.meta("evaluated", eval_key)

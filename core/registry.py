@@ -29,6 +29,10 @@ BUILTIN_MODULES = (
     "models.lavida",
     "defenses.none",
     "defenses.disp",
+    "defenses.random_drop",
+    "defenses.oracle_filter",
+    "defenses.pruning",
+    "defenses.strip",
 )
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}

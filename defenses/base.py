@@ -1,15 +1,20 @@
 """The defense contract: what a defender is handed, and the hooks of the stage where it acts.
 
-Hooks (a defense implements the one of the stage where it acts; today the pipeline dispatches
-``purify``, the others come with the defense suite):
+Hooks (a defense sets ``kind`` and implements the hook of the stage where it acts; the pipeline
+dispatches on ``kind``, and the defended stage's key and the record's lineage follow from it):
 - ``purify(model, data, ctx) -> model``: post-training, on the backdoored model and its training set
-  (DiSP, pruning, fine-pruning).
-- ``filter_data(data, model, ctx) -> data``: data-side; the victim recipe is re-run from the base
-  model on what is kept (random drop, oracle, BYE).
-- ``objective(model, batch, ctx) -> loss``: a training-time regularizer added to the victim's loss
-  while implanting (cross-view).
-- ``guard(model, batch, ctx) -> bool tensor``: inference-time detection; flagged inputs abstain
-  (STRIP, entropy filtering).
+  (DiSP, pruning, fine-pruning). Descends from the backdoored model.
+- ``filter_data(data, model, ctx) -> kept samples``: data-side, given the training set and the
+  backdoored model; the victim recipe is re-run from the base model on what is kept (random drop,
+  oracle, BYE). The record reports how many poisoned and clean samples were removed (the defense
+  never learns it).
+- ``objective(model, batch, ctx) -> loss``: training-time, a term added to the victim's loss at
+  every step of the implant fine-tune, which starts from the base model on the poisoned set
+  (cross-view): its row descends from base + poisoned set, not from the backdoored model.
+- ``fit_guard(model, data, ctx) -> state`` then ``guard(model, samples) -> flags``: inference-time;
+  the guard is fitted once (e.g. a threshold on clean inputs) and stored with the defended stage;
+  flagged inputs abstain. An abstention is neither an attack success nor a correct clean answer, and
+  the record reports the abstention rate on clean and on triggered inputs (STRIP, entropy filtering).
 
 The defender's view (docs/protocol.md#the-defenders-view). A real defender holds images, prompts and
 responses, nothing else. A defense with ``uses_oracle = False`` therefore receives:
@@ -56,11 +61,17 @@ def defender_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"defender-seed:{seed}".encode()).digest()[:4], "big") >> 1
 
 
+def view_order(n: int, secret: str) -> np.ndarray:
+    """The secret order of a defender's view: view[j] is samples[view_order(n, secret)[j]]."""
+    digest = hashlib.sha256(secret.encode()).digest()
+    return np.random.default_rng(list(digest[:16])).permutation(n)
+
+
 def defender_view(samples: Sequence[Sample], secret: str) -> list[Sample]:
     """Samples as a defender holds them: image, prompt, response and an opaque id, in an order drawn
     from ``secret`` (a digest the defender never sees). Images are copied, so nothing is shared."""
     digest = hashlib.sha256(secret.encode()).digest()
-    order = np.random.default_rng(list(digest[:16])).permutation(len(samples))
+    order = view_order(len(samples), secret)
     out = []
     for i in order:
         s = samples[int(i)]
@@ -92,4 +103,17 @@ class Defense:
         self.report: dict = {}      # what the defense measured about itself, stored in the record
 
     def purify(self, model, data: Sequence[Sample], ctx: DefenseContext):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is a {self.kind} defense")
+
+    def filter_data(self, data: Sequence[Sample], model, ctx: DefenseContext) -> list[Sample]:
+        raise NotImplementedError(f"{type(self).__name__} is a {self.kind} defense")
+
+    def objective(self, model, batch, ctx: DefenseContext):
+        raise NotImplementedError(f"{type(self).__name__} is a {self.kind} defense")
+
+    def fit_guard(self, model, data: Sequence[Sample], ctx: DefenseContext) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} is a {self.kind} defense")
+
+    def guard(self, model, samples: Sequence[Sample], state: dict) -> list[bool]:
+        """True = flagged: the input abstains."""
+        raise NotImplementedError(f"{type(self).__name__} is a {self.kind} defense")

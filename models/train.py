@@ -19,9 +19,11 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def finetune(model, samples: Sequence[Sample], *, trainable: str, lr: float, epochs: int, batch_size: int,
              seed: int, gen_length: int, desc: str = "fine-tune", warmup_frac: float = 0.03,
-             on_epoch: Callable[[int], None] | None = None) -> list[float]:
+             on_epoch: Callable[[int], None] | None = None,
+             objective: Callable | None = None) -> list[float]:
     """Train `trainable` parts of `model` on `samples` in place; returns per-step losses. `on_epoch(e)`
-    runs after epoch e (1-based) with the model in eval mode (checkpoints of one run: learning curves)."""
+    runs after epoch e (1-based) with the model in eval mode (checkpoints of one run: learning curves);
+    `objective(model, batch)` is added to the model's loss at every step (a training-time defense)."""
     model.set_trainable(trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -38,7 +40,10 @@ def finetune(model, samples: Sequence[Sample], *, trainable: str, lr: float, epo
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=g)
             for i in range(0, n, batch_size):
-                loss = model.loss(data[perm[i:i + batch_size]], g)
+                batch = data[perm[i:i + batch_size]]
+                loss = model.loss(batch, g)
+                if objective is not None:
+                    loss = loss + objective(model, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,111 @@
+"""The four defense hooks the pipeline dispatches (defenses/base.py), end to end on the reduced config:
+purify (magnitude pruning), filter (random drop, the oracle), objective (a training-time term) and
+guard (STRIP) — each row's model, key and lineage follow from its hook."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from bench.cache import ArtifactCache
+from bench.pipeline import Cell, make_spec, run_cell
+from core import registry
+from defenses.base import Defense
+from defenses.pruning import prune_matrix
+
+SMALL_MODEL = dict(enc_dim=32, enc_layers=2, enc_heads=2, d_model=48, n_layers=2, n_heads=2, mlp_hidden=96,
+                   mim_epochs=1, base_epochs=2)
+SMALL_TASK = dict(n_base=200, n_pool=100, n_test=16, n_mc=24, n_encoder=200)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return ArtifactCache(tmp_path_factory.mktemp("cache"))
+
+
+def spec(defense: str, **kw):
+    return make_spec(defense=defense, model_args=SMALL_MODEL, task_args=SMALL_TASK, recipe={"epochs": 2},
+                     decoding={"steps": 4}, **kw)
+
+
+def run(defense, cache, tmp_path, **kw):
+    recs = run_cell(spec(defense, **kw), tmp_path, cache, log=lambda _: None)
+    return {r["row"]: r for r in recs}
+
+
+def test_filter_retrains_from_the_base_on_what_it_keeps(cache, tmp_path):
+    recs = run("random-drop", cache, tmp_path)
+    info = recs["random-drop"]["stage_info"]
+    assert info["dropped"] == 20 and info["n_kept"] == 80
+    assert info["removed_poisoned"] + info["removed_clean"] == 20 and info["removed_poisoned"] <= 20
+    lineage = recs["random-drop"]["lineage"]
+    assert {"base", "trigger", "backdoored", "defended"} <= set(lineage)
+    cell = Cell(spec("random-drop"), cache, log=lambda _: None)
+    assert not torch.equal(cell.defended()["state"]["lm.lm_head.weight"], cell.backdoored()["state"]["lm.lm_head.weight"])
+
+
+def test_oracle_removes_exactly_the_poison_and_is_marked(cache, tmp_path):
+    recs = run("oracle-filter", cache, tmp_path)
+    info = recs["oracle-filter"]["stage_info"]
+    assert info["removed_poisoned"] == 20 and info["removed_clean"] == 0 and info["n_kept"] == 80
+    assert recs["oracle-filter"]["uses_oracle"] is True and recs["backdoored"]["uses_oracle"] is False
+
+
+def test_pruning_zeroes_the_smallest_weights_of_the_trained_parts(cache, tmp_path):
+    w = torch.tensor([[0.5, -0.1, 2.0], [0.05, -3.0, 0.2]])
+    assert prune_matrix(w, 0.5) == 3 and torch.equal(w == 0, torch.tensor([[False, True, False], [True, False, True]]))
+    recs = run("pruning", cache, tmp_path)
+    info = recs["pruning"]["stage_info"]
+    assert info["parts"] == "projector+lm" and info["pruned"] == pytest.approx(0.3 * info["weights"], abs=50)
+    state = Cell(spec("pruning"), cache, log=lambda _: None).defended()["state"]
+    q = state["lm.layers.0.self_attn.q_proj.weight"]
+    assert (q == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert (state["vision_tower.layers.0.mlp.0.weight"] == 0).sum() == 0         # the frozen encoder is untouched
+
+
+def test_objective_trains_from_the_base_with_the_term_added(cache, tmp_path, monkeypatch):
+    calls = []
+
+    @dataclass(frozen=True)
+    class NoArgs:
+        weight: float = 0.0
+
+    class Probe(Defense):
+        """Adds weight x (mean visual embedding)^2 to the implant loss (a test objective)."""
+        Config, kind = NoArgs, "objective"
+
+        def objective(self, model, batch, ctx):
+            calls.append(len(batch))
+            return self.cfg.weight * model.visual_embeds(batch.images).pow(2).mean()
+
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
+    registry.register("defenses", "probe-objective")(Probe)
+    recs = run("probe-objective", cache, tmp_path)
+    assert calls and sum(calls) == 2 * 100                       # every sample of both epochs went through it
+    assert set(recs["probe-objective"]["lineage"]) == {"base", "trigger", "defended", "evaluated"}
+    cell = Cell(spec("probe-objective"), cache, log=lambda _: None)
+    assert cell.plan() == [] and "backdoored" not in [s for s in cell.plan()]
+    # weight 0 adds nothing: the row's model is the backdoored model, retrained from the base the same way
+    assert torch.equal(cell.defended()["state"]["lm.lm_head.weight"], cell.backdoored()["state"]["lm.lm_head.weight"])
+
+
+def test_guard_abstains_and_reports_abstention_rates(cache, tmp_path):
+    recs = run("strip", cache, tmp_path, defense_args={"n_overlay": 8})
+    m = recs["strip"]["metrics"]
+    for key in ("abstain_wo", "abstain_wt", "abstain_mc"):
+        assert 0 <= m[key]["value"] <= 100
+    assert "abstain_wo" not in recs["backdoored"]["metrics"]
+    info = recs["strip"]["stage_info"]
+    assert info["n_overlay"] == 8 and "threshold" in info
+    rows = [json.loads(x) for x in (tmp_path / recs["strip"]["outputs"]).read_text().splitlines()]
+    flagged = [r for r in rows if r.get("abstained")]
+    assert all(r["output"] == "" and not r["verdicts"]["asr"] for r in flagged)
+    n_clean = sum(1 for r in rows if r["triggered"] is False)
+    assert m["abstain_wo"]["value"] == pytest.approx(100 * sum(1 for r in flagged if r["triggered"] is False) / n_clean)
+    # the guarded model is the backdoored model itself
+    cell = Cell(spec("strip", defense_args={"n_overlay": 8}), cache, log=lambda _: None)
+    assert torch.equal(cell.defended()["state"]["lm.lm_head.weight"], cell.backdoored()["state"]["lm.lm_head.weight"])
