@@ -33,6 +33,7 @@ BUILTIN_MODULES = (
     "defenses.oracle_filter",
     "defenses.pruning",
     "defenses.strip",
+    "defenses.crossview",
 )
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}

@@ -178,6 +178,11 @@ class LLaDAV(nn.Module):
         km = torch.cat([key_mask, torch.ones_like(answer_ids, dtype=torch.bool)], dim=1)
         return self.lm(x, km)[:, prompt_embeds.shape[1]:]
 
+    def phi_module(self) -> nn.Module:
+        """The module whose output is the cross-view defense's middle-layer feature phi (the middle LM
+        block; its output at the visual positions)."""
+        return self.lm.layers[(len(self.lm.layers) - 1) // 2]
+
     def first_answer_logits(self, batch: Batch, visual_mask: torch.Tensor | None = None,
                             gen_length: int = 32) -> torch.Tensor:
         """The first answer position's logits with the whole answer masked (lmms-eval loglikelihood-style)."""

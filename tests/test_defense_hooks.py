@@ -109,3 +109,45 @@ def test_guard_abstains_and_reports_abstention_rates(cache, tmp_path):
     # the guarded model is the backdoored model itself
     cell = Cell(spec("strip", defense_args={"n_overlay": 8}), cache, log=lambda _: None)
     assert torch.equal(cell.defended()["state"]["lm.lm_head.weight"], cell.backdoored()["state"]["lm.lm_head.weight"])
+
+
+# ---- cross-view regularization --------------------------------------------------------------------
+def test_second_view_perturbs_one_small_patch():
+    from defenses.crossview import OPS, perturb_patch
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(60, 64, 64, 3)
+    y, boxes = perturb_patch(x, g)
+    assert {op for *_, op in boxes} == set(OPS)
+    for b, (r, c, side, op) in enumerate(boxes):
+        assert round((0.01 * 64 * 64) ** 0.5) <= side <= round((0.05 * 64 * 64) ** 0.5)   # 1-5% of the area
+        outside = torch.ones(64, 64, dtype=torch.bool)
+        outside[r:r + side, c:c + side] = False
+        assert torch.equal(y[b][outside], x[b][outside])
+        inside = y[b, r:r + side, c:c + side]
+        if op == "mask":
+            assert (inside == 0).all()
+        elif op == "shuffle":
+            assert torch.equal(inside.reshape(-1, 3).sort(0).values, x[b, r:r + side, c:c + side].reshape(-1, 3).sort(0).values)
+
+
+def test_crossview_terms_and_gradients(cache):
+    from defenses.crossview import crossview_terms
+    cell = Cell(spec("none"), cache, log=lambda _: None)
+    model = cell.model_from(cell.base()["state"])
+    model.set_trainable("projector+lm")
+    batch = model.collate(cell.pool()[:6], gen_length=32)
+    g = torch.Generator().manual_seed(0)
+    same = crossview_terms(model, batch, batch.images, g, h0=0.5)
+    assert same["patch"].item() == pytest.approx(0.0, abs=1e-8) and same["cv_dis"].item() == pytest.approx(1.0, abs=1e-5)
+    other = crossview_terms(model, batch, torch.rand_like(batch.images), g, h0=0.5)
+    assert other["patch"].item() > 0 and 0 <= other["cv_dis"].item() < 1 and other["ent"].item() >= 0
+    (other["patch"] + other["cv_dis"] + other["ent"]).backward()
+    assert model.mm_projector[0].weight.grad is not None and model.mm_projector[0].weight.grad.abs().sum() > 0
+
+
+def test_crossview_row_trains_from_the_base(cache, tmp_path):
+    recs = run("crossview", cache, tmp_path)
+    info = recs["crossview"]["stage_info"]
+    assert info["steps"] == 2 * 4 and all(k in info for k in ("mean_patch", "mean_cv_dis", "mean_ent"))
+    assert set(recs["crossview"]["lineage"]) == {"base", "trigger", "defended", "evaluated"}
+    assert recs["crossview"]["spec"]["defense_args"]["lambda2"] == 1.0
