@@ -34,6 +34,8 @@ BUILTIN_MODULES = (
     "defenses.pruning",
     "defenses.strip",
     "defenses.crossview",
+    "defenses.entropy_filter",
+    "defenses.fine_pruning",
 )
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}

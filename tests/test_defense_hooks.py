@@ -151,3 +151,43 @@ def test_crossview_row_trains_from_the_base(cache, tmp_path):
     assert info["steps"] == 2 * 4 and all(k in info for k in ("mean_patch", "mean_cv_dis", "mean_ent"))
     assert set(recs["crossview"]["lineage"]) == {"base", "trigger", "defended", "evaluated"}
     assert recs["crossview"]["spec"]["defense_args"]["lambda2"] == 1.0
+
+
+def test_entropy_filter_guard_fits_on_the_training_set(cache, tmp_path):
+    recs = run("entropy-filter", cache, tmp_path)
+    info = recs["entropy-filter"]["stage_info"]
+    assert len(info["means"]) == 2 and isinstance(info["bimodal"], bool)
+    assert "abstain_wt" in recs["entropy-filter"]["metrics"]
+    if not info["bimodal"]:
+        assert recs["entropy-filter"]["metrics"]["abstain_wo"]["value"] == 0.0
+
+
+def test_fine_pruning_prunes_while_clean_accuracy_holds(cache, tmp_path):
+    from defenses.fine_pruning import prune_neurons
+    recs = run("fine-pruning", cache, tmp_path, defense_args={"clean_size": 20, "epochs": 1})
+    info = recs["fine-pruning"]["stage_info"]
+    assert 0 <= info["pruned_neurons"] <= info["layer_neurons"] == 96
+    assert info["clean_acc_end"] >= 0
+    state = Cell(spec("fine-pruning", defense_args={"clean_size": 20, "epochs": 1}), cache, log=lambda _: None).defended()["state"]
+    down = state["lm.layers.1.mlp.down_proj.weight"]
+    assert int((down.abs().sum(0) == 0).sum()) >= info["pruned_neurons"]      # pruned columns stay zero
+
+
+def test_entropy_filter_flags_the_low_entropy_mode(monkeypatch):
+    import numpy as np
+
+    import defenses.entropy_filter as ef
+    from defenses.base import DefenseContext
+    rng = np.random.default_rng(0)
+    scores = {"train": np.r_[rng.normal(3.0, 0.2, 80), rng.normal(0.3, 0.05, 20)],
+              "test": np.array([3.1, 0.25, 2.8, 0.35])}
+    monkeypatch.setattr(ef, "answer_entropy", lambda model, samples, gen, bs=200: scores[samples])
+    ctx = DefenseContext(spec=Cell(spec("entropy-filter"), ArtifactCache("/nonexistent"), log=lambda _: None).defender_spec(),
+                         finetune=None, base_model=None)
+    d = ef.EntropyFilter()
+    state = d.fit_guard(None, "train", ctx)
+    assert state["bimodal"] and d.report["train_flagged"] == pytest.approx(0.2)
+    assert d.guard(None, "test", state) == [False, True, False, True]
+    scores["train"] = rng.normal(3.0, 0.2, 100)          # one mode: nothing is flagged
+    state = d.fit_guard(None, "train", ctx)
+    assert not state["bimodal"] and d.guard(None, "test", state) == [False] * 4
