@@ -36,6 +36,7 @@ BUILTIN_MODULES = (
     "defenses.crossview",
     "defenses.entropy_filter",
     "defenses.fine_pruning",
+    "defenses.bye",
 )
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}

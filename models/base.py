@@ -39,7 +39,8 @@ class Batch:
 
 
 MASKED_DIFFUSION = "masked-diffusion"
-CAPABILITIES = (MASKED_DIFFUSION,)
+IMAGE_ATTENTION = "image-attention"     # image_attention(batch): per-layer attention of the last prompt token (BYE)
+CAPABILITIES = (MASKED_DIFFUSION, IMAGE_ATTENTION)
 
 
 class VictimModel(Protocol):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import MASKED_DIFFUSION, Batch
+from models.base import IMAGE_ATTENTION, MASKED_DIFFUSION, Batch
 from models.llada import generate as llada_generate
 from models.llada_v import PARTS, LLaDAV, LLaDAVEntry, TinyConfig
 
@@ -166,7 +166,7 @@ class LaViDaEntry:
 
     scales = ("tiny",)
     family = "masked-diffusion VLM"
-    capabilities = (MASKED_DIFFUSION,)
+    capabilities = (MASKED_DIFFUSION, IMAGE_ATTENTION)
     trainable_parts = tuple(PARTS)
     resolve = staticmethod(_resolve)
     # The DiSP paper's LaViDa setting (§4.1, App.): one 32-token block at step_ratio 0.5; centre trigger;

@@ -15,9 +15,9 @@ import torch.nn as nn
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import MASKED_DIFFUSION, Batch
+from models.base import IMAGE_ATTENTION, MASKED_DIFFUSION, Batch
 from models.encoder import EncoderConfig, VisionTower, pretrain_mim
-from models.llada import LLaDA, LMConfig, generate, sft_loss
+from models.llada import LLaDA, LMConfig, generate, rope, sft_loss
 from models.train import finetune
 from tasks.base import Sample
 
@@ -178,6 +178,36 @@ class LLaDAV(nn.Module):
         km = torch.cat([key_mask, torch.ones_like(answer_ids, dtype=torch.bool)], dim=1)
         return self.lm(x, km)[:, prompt_embeds.shape[1]:]
 
+    @torch.no_grad()
+    def image_attention(self, batch: Batch, gen_length: int = 32) -> torch.Tensor:
+        """(B, n_layers, n_visual): at every LM layer, the attention the last prompt token pays to the
+        visual tokens (mean over heads, renormalised over the visual tokens), the answer fully masked —
+        what BYE reads (its "last prompt token" is the one before the answer here too)."""
+        pe = self.prompt_embeds(batch)
+        answer = torch.full((len(batch), gen_length), self.mask_id, dtype=torch.long)
+        x = torch.cat([pe, self.lm.embed_tokens(answer)], dim=1)
+        keys = torch.cat([batch.key_mask, torch.ones_like(answer, dtype=torch.bool)], dim=1)
+        seen: list = []
+        hooks = [blk.self_attn.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0], args[1])))
+                 for blk in self.lm.layers]
+        try:
+            self.lm(x, keys)
+        finally:
+            for h in hooks:
+                h.remove()
+        qi = batch.key_mask.shape[1] - 1            # the last prompt position (the template's final token)
+        out = []
+        for mod, xn, pos in seen:
+            B, L, d = xn.shape
+            H = mod.n_heads
+            q = rope(mod.q_proj(xn[:, qi:qi + 1]).view(B, 1, H, d // H).transpose(1, 2), pos[:, qi:qi + 1], mod.theta)
+            k = rope(mod.k_proj(xn).view(B, L, H, d // H).transpose(1, 2), pos, mod.theta)
+            s = (q @ k.transpose(-1, -2))[:, :, 0] / (d // H) ** 0.5
+            a = torch.softmax(s.masked_fill(~keys[:, None, :], float("-inf")), -1)
+            img = a.gather(-1, batch.vis_pos[:, None, :].expand(-1, H, -1)).mean(1)
+            out.append(img / img.sum(-1, keepdim=True))
+        return torch.stack(out, dim=1)
+
     def phi_module(self) -> nn.Module:
         """The module whose output is the cross-view defense's middle-layer feature phi (the middle LM
         block; its output at the visual positions)."""
@@ -232,7 +262,7 @@ class LLaDAVEntry:
 
     scales = ("tiny",)
     family = "masked-diffusion VLM"
-    capabilities = (MASKED_DIFFUSION,)
+    capabilities = (MASKED_DIFFUSION, IMAGE_ATTENTION)
     trainable_parts = tuple(PARTS)
     resolve = staticmethod(_resolve)
 

@@ -131,5 +131,5 @@ def test_defense_needing_a_capability_the_victim_lacks_is_refused(tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert ("defense needs-xattn needs a gated-cross-attention victim; model llada-v is a masked-diffusion VLM "
-            "(capabilities: masked-diffusion)") in err
+            "(capabilities: masked-diffusion, image-attention)") in err
     assert files_under(results) == [] and files_under(cache) == []

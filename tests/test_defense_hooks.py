@@ -191,3 +191,41 @@ def test_entropy_filter_flags_the_low_entropy_mode(monkeypatch):
     scores["train"] = rng.normal(3.0, 0.2, 100)          # one mode: nothing is flagged
     state = d.fit_guard(None, "train", ctx)
     assert not state["bimodal"] and d.guard(None, "test", state) == [False] * 4
+
+
+def test_image_attention_is_a_distribution_over_the_visual_tokens(cache):
+    cell = Cell(spec("none"), cache, log=lambda _: None)
+    model = cell.model_from(cell.base()["state"])
+    batch = model.collate(cell.pool()[:3], with_response=False)
+    a = model.image_attention(batch)
+    assert a.shape == (3, 2, model.n_visual) and torch.allclose(a.sum(-1), torch.ones(3, 2), atol=1e-5)
+    assert (a >= 0).all()
+
+
+def test_bye_drops_the_low_entropy_cluster_of_sensitive_layers(monkeypatch, cache, tmp_path):
+    import numpy as np
+
+    import defenses.bye as bye
+    from defenses.base import DefenseContext
+    rng = np.random.default_rng(0)
+    n, T = 50, 8
+    # layer 0: uninformative; layer 1: ten samples attend to one token (low entropy)
+    flat = np.full(T, 1.0 / T)
+    peaked = np.r_[0.93, np.full(T - 1, 0.01)]
+    att = np.stack([np.stack([flat + rng.normal(0, 1e-3, T), (peaked if i < 10 else flat) + rng.normal(0, 1e-3, T)])
+                    for i in range(n)]).clip(1e-6)
+    att /= att.sum(-1, keepdims=True)
+
+    class Fake:
+        def collate(self, samples, with_response=False):
+            return samples
+
+        def image_attention(self, batch, gen_length=32):
+            return torch.tensor(att[batch[0]:batch[0] + len(batch)], dtype=torch.float32)
+    ctx = DefenseContext(spec=Cell(spec("bye"), cache, log=lambda _: None).defender_spec(), finetune=None, base_model=None)
+    d = bye.BYE()
+    kept = d.filter_data(list(range(n)), Fake(), ctx)
+    assert d.report["sensitive_layers"] == [1] and kept == list(range(10, n)) and d.report["dropped"] == 10
+    recs = run("bye", cache, tmp_path)                        # end to end on the reduced config
+    info = recs["bye"]["stage_info"]
+    assert info["n_kept"] == 100 - info["dropped"] and info["removed_poisoned"] + info["removed_clean"] == info["dropped"]
