@@ -152,8 +152,26 @@ def list_(args_of) -> None:
                 click.echo(f"{'':<29} family: {getattr(obj, 'family', '?')}; scales: {', '.join(obj.scales)}; "
                            f"capabilities: {', '.join(getattr(obj, 'capabilities', ())) or 'core only'}; "
                            f"trainable: {', '.join(getattr(obj, 'trainable_parts', ())) or '?'}")
-            elif kind == "defenses" and getattr(obj, "requires", ()):
-                click.echo(f"{'':<29} needs a victim with: {', '.join(obj.requires)}")
+            elif kind == "defenses" and getattr(obj, "kind", "none") != "none":
+                click.echo(f"{'':<29} {_defense_needs(obj)}")
+
+
+HOOK_ACTS = {"purify": "acts on the backdoored model", "filter": "filters the training set, retrains from the base",
+             "objective": "adds a training-time loss term, trains from the base", "guard": "flags inputs at inference (they abstain)"}
+
+
+def _defense_needs(cls) -> str:
+    """One line: the hook, the victim capabilities, the data a defense is handed."""
+    try:
+        inst = cls()
+        clean = int(inst.clean_slice)
+    except Exception:       # a third-party defense whose config needs args: report the class default
+        clean = int(getattr(cls, "clean_slice", 0)) if isinstance(getattr(cls, "clean_slice", 0), int) else 0
+    data = "poison flags (oracle)" if getattr(cls, "uses_oracle", False) else "training set (defender's view)"
+    parts = [f"hook: {cls.kind} ({HOOK_ACTS.get(cls.kind, '?')})",
+             f"needs a victim with: {', '.join(cls.requires) if getattr(cls, 'requires', ()) else 'the core only'}",
+             f"data: {data}" + (f" + {clean} held-out clean samples" if clean else "")]
+    return "; ".join(parts)
 
 
 def _method_args(kind: str, obj: Any) -> list[tuple[str, Any, str]]:

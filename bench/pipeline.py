@@ -457,6 +457,8 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
         stage_info = lineage[cell.row_stage(row)].get("info") or {}
         out.append({"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "spec": spec.to_dict(), "row": row, "uses_oracle": uses_oracle, "metrics": metrics,
+                    "defender_data": {"oracle": uses_oracle, "clean_slice": int(cell.defense.clean_slice)
+                                      if row not in ROW_STAGE else 0, "hook": None if row in ROW_STAGE else cell.defense.kind},
                     "outputs": str(records.write_outputs(results_dir, f"{run_id}-{row}", ev["rows"])),
                     "object_accuracy": ev.get("object_accuracy", {}), "stage_info": stage_info, "trigger": {"key": cell.keys["trigger"], "report": cell.trigger_report},
                     "stage_keys": {"model": model_key, "evaluated": ev["key"]}, "lineage": lineage,

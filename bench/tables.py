@@ -35,6 +35,7 @@ DISPLAY = {
     "fine-pruning": "Fine-pruning",
     "data_filter": "Data filtering (oracle)",
     "oracle": "Data filtering (oracle)",
+    "oracle-filter": "Data filtering (oracle)",
     "bye": "BYE",
     "strip": "STRIP",
     "entropy_filter": "Entropy filtering",
@@ -212,8 +213,9 @@ def _labels(latest: Mapping[tuple, Mapping]) -> tuple[list[tuple[str, str]], dic
     tgts = sorted({(t, a) for _, _, t, a in latest}, key=lambda ta: (_target_sort_key(ta[0]), ta[1]))
     oracle = {(r, a) for (r, a, _, _), rec in latest.items() if rec.get("uses_oracle")}
     row_label = {ra: _variant_label(DISPLAY.get(ra[0], ra[0]), ra[1], sorted(row_variants[ra[0]])) for ra in rows}
+    clean = {(r, a) for (r, a, _, _), rec in latest.items() if (rec.get("defender_data") or {}).get("clean_slice")}
     row_label = {ra: label + (" (oracle)" if ra in oracle and "(oracle)" not in label else "")
-                 for ra, label in row_label.items()}
+                 + (" (clean data)" if ra in clean else "") for ra, label in row_label.items()}
     tgt_label = {ta: _variant_label(ta[0], ta[1], sorted(tgt_variants[ta[0]])) for ta in tgts}
     return rows, row_label, tgts, tgt_label
 
@@ -381,7 +383,8 @@ def render_leaderboard(records: Sequence[Mapping], out_dir: Path) -> list[Path]:
               "BLEU-4 is in 0-1 and CIDEr in pycocoevalcap's ~0-10 scale. Brackets: 95% bootstrap CI.",
               "CP (blind) is CP with every visual token masked (chance: 25). ΔCP vs Backdoored is a defended row's",
               "CP minus the Backdoored row's on the same items, with a paired bootstrap interval.",
-              "A row marked (oracle) is a defense that saw the poison flags.", ""]
+              "A row marked (oracle) is a defense that saw the poison flags; (clean data), one that was handed "
+              "held-out clean samples.", ""]
         csv_parts = []
         for key in sorted(by_setting):
             srecs = by_setting[key]

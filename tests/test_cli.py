@@ -97,7 +97,12 @@ def test_list_shows_every_registered_name(capsys):
     assert ("family: masked-diffusion VLM; scales: tiny; capabilities: masked-diffusion, image-attention; "
             "trainable: projector, projector+lm, all") in out
     lines = out.splitlines()
-    assert "needs a victim with: masked-diffusion" in lines[lines.index(next(x for x in lines if x.startswith("defense  disp "))) + 1]
+    needs = lambda name: lines[lines.index(next(x for x in lines if x.startswith(f"defense  {name} "))) + 1]
+    assert "hook: purify" in needs("disp") and "needs a victim with: masked-diffusion" in needs("disp")
+    assert "held-out" not in needs("disp") and "oracle" not in needs("disp")
+    assert "hook: guard" in needs("strip") and "+ 100 held-out clean samples" in needs("strip")
+    assert "poison flags (oracle)" in needs("oracle-filter") and "retrains from the base" in needs("oracle-filter")
+    assert "hook: objective" in needs("crossview")
 
 
 @pytest.mark.slow
