@@ -71,55 +71,77 @@ def cli() -> None:
     """vl-backdoor-bench: backdoor attacks x defenses x vision-language models -> CP / ASR tables."""
 
 
-@cli.command()
-@click.option("--model", default="llada-v", show_default=True, help="victim model (bench list)")
-@click.option("--scale", default="tiny", show_default=True, help="tiny (embedded replica) | full (checkpoints)")
-@click.option("--task", default="synthetic", show_default=True)
-@click.option("--attack", default="badnets", show_default=True, help="trigger (bench list)")
-@click.option("--target", default="insertion", show_default=True, help="insertion | refusal | misclassification | keyword")
-@click.option("--defense", default="disp", show_default=True, help="defense (bench list); 'none' for Clean/Backdoored only")
-@click.option("--poison-rate", default=None, type=float,
-              help="share of the pool poisoned, in (0, 1)  [default: 0.2; the model's paper setting where it has one]")
-@click.option("--seed", default=0, show_default=True, type=int, help="0 <= seed < 2^32")
-@click.option("--trainable", default=None, help="parts a fine-tune trains: projector | projector+lm | all  [default: projector+lm]")
-@click.option("--lr", default=None, type=float, help="victim fine-tune peak lr (> 0)  [default: 1e-3]")
-@click.option("--epochs", default=None, type=int, help="victim fine-tune epochs (>= 1)  [default: 20]")
-@click.option("--steps", default=None, type=int, help="sampler steps, a multiple of the blocks  [default: the model family's; llada-v 32, lavida 16]")
-@click.option("--gen-length", default=None, type=int, help="answer tokens  [default: 32]")
-@click.option("--block-length", default=None, type=int, help="semi-autoregressive block, divides gen-length  [default: the family's; llada-v 8, lavida 32]")
-@click.option("--remasking", default=None, help="low_confidence | random  [default: low_confidence]")
-@click.option("--attack-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args ATTACK")
-@click.option("--target-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args TARGET")
-@click.option("--defense-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args DEFENSE")
-@click.option("--model-arg", multiple=True,
-              help="key=value, repeatable (tiny sizes / base recipe); keys and defaults: bench list --args MODEL")
-@click.option("--task-arg", multiple=True,
-              help="key=value, repeatable (split sizes); keys and defaults: bench list --args TASK")
-@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="records dir (records.jsonl, outputs/)")
-@click.option("--cache", default=None, type=click.Path(file_okay=False), help="artifact cache (default $BENCH_CACHE or the user cache dir)")
-def run(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps, gen_length,
-        block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg, results, cache) -> None:
-    """Run one cell (training what it needs) and print the DiSP Table 1 layout for it."""
-    import torch
+CELL_OPTIONS = [
+    click.option("--model", default="llada-v", show_default=True, help="victim model (bench list)"),
+    click.option("--scale", default="tiny", show_default=True, help="tiny (embedded replica) | full (checkpoints)"),
+    click.option("--task", default="synthetic", show_default=True),
+    click.option("--attack", default="badnets", show_default=True, help="trigger (bench list)"),
+    click.option("--target", default="insertion", show_default=True, help="insertion | refusal | misclassification | keyword"),
+    click.option("--defense", default="disp", show_default=True, help="defense (bench list); 'none' for Clean/Backdoored only"),
+    click.option("--poison-rate", default=None, type=float,
+                 help="share of the pool poisoned, in (0, 1)  [default: 0.2; the model's paper setting where it has one]"),
+    click.option("--seed", default=0, show_default=True, type=int, help="0 <= seed < 2^32"),
+    click.option("--trainable", default=None, help="parts a fine-tune trains: projector | projector+lm | all  [default: projector+lm]"),
+    click.option("--lr", default=None, type=float, help="victim fine-tune peak lr (> 0)  [default: 1e-3]"),
+    click.option("--epochs", default=None, type=int, help="victim fine-tune epochs (>= 1)  [default: 20]"),
+    click.option("--steps", default=None, type=int, help="sampler steps, a multiple of the blocks  [default: the model family's; llada-v 32, lavida 16]"),
+    click.option("--gen-length", default=None, type=int, help="answer tokens  [default: 32]"),
+    click.option("--block-length", default=None, type=int, help="semi-autoregressive block, divides gen-length  [default: the family's; llada-v 8, lavida 32]"),
+    click.option("--remasking", default=None, help="low_confidence | random  [default: low_confidence]"),
+    click.option("--attack-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args ATTACK"),
+    click.option("--target-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args TARGET"),
+    click.option("--defense-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args DEFENSE"),
+    click.option("--model-arg", multiple=True,
+                 help="key=value, repeatable (tiny sizes / base recipe); keys and defaults: bench list --args MODEL"),
+    click.option("--task-arg", multiple=True,
+                 help="key=value, repeatable (split sizes); keys and defaults: bench list --args TASK"),
+    click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
+                 help="records dir (records.jsonl, outputs/)"),
+    click.option("--cache", default=None, type=click.Path(file_okay=False), help="artifact cache (default $BENCH_CACHE or the user cache dir)"),
+]
 
-    from bench import tables
+
+def cell_options(f):
+    """The options that define one cell (shared by `bench run` and `bench sweep`)."""
+    for opt in reversed(CELL_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps,
+               gen_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg,
+               defense_args: dict | None = None):
     from core import registry
-    from bench.cache import ArtifactCache
-    from bench.pipeline import make_spec, run_cell, task_defaults
+    from bench.pipeline import make_spec, task_defaults
     from core.params import coerce_params
 
-    torch.set_num_threads(_threads())
     recipe = {k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None}
     decoding = {k: v for k, v in dict(steps=steps, gen_length=gen_length, block_length=block_length,
                                       remasking=remasking).items() if v is not None}
     entry = registry.get("models", model)
     m_args = coerce_params(_pairs(model_arg, "--model-arg"), entry.resolve(scale, {}), "model")
     t_args = coerce_params(_pairs(task_arg, "--task-arg"), task_defaults(registry.get("tasks", task)), "task")
-    spec = make_spec(model=model, scale=scale, task=task, attack=attack, target=target, defense=defense, seed=seed,
-                     poison_rate=poison_rate, trainable=trainable, recipe=recipe, decoding=decoding, model_args=m_args, task_args=t_args,
-                     attack_args=_pairs(attack_arg, "--attack-arg"), target_args=_pairs(target_arg, "--target-arg"),
-                     defense_args=_pairs(defense_arg, "--defense-arg"))
+    return make_spec(model=model, scale=scale, task=task, attack=attack, target=target, defense=defense, seed=seed,
+                     poison_rate=poison_rate, trainable=trainable, recipe=recipe, decoding=decoding, model_args=m_args,
+                     task_args=t_args, attack_args=_pairs(attack_arg, "--attack-arg"),
+                     target_args=_pairs(target_arg, "--target-arg"),
+                     defense_args={**_pairs(defense_arg, "--defense-arg"), **(defense_args or {})})
+
+
+@cli.command()
+@cell_options
+def run(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps, gen_length,
+        block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg, results, cache) -> None:
+    """Run one cell (training what it needs) and print the DiSP Table 1 layout for it."""
+    import torch
+
+    from bench import tables
+    from bench.cache import ArtifactCache
+    from bench.pipeline import run_cell
+
+    torch.set_num_threads(_threads())
+    spec = _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps,
+                      gen_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg)
     recs = run_cell(spec, Path(results), ArtifactCache(Path(cache) if cache else None), log=lambda m: click.echo(m, err=True))
     df = tables.table1(recs, spec.model, spec.attack, [spec.target])
     click.echo(f"\n{spec.model} ({spec.scale}) · {spec.attack} · target {spec.target} · poison {spec.poison_rate:g} · "
@@ -131,6 +153,44 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
         click.echo(f"{tables.row_label(rec['row']):<12} {cost}CP (blind) {tables.fmt_metric('cp_blind', m.get('cp_blind'))}"
                    f" (chance 25.00)" + (" · saw poison flags (oracle)" if rec.get("uses_oracle") else ""))
     click.echo(f"\n{len(recs)} records appended to {Path(results) / 'records.jsonl'}")
+
+
+@cli.command()
+@cell_options
+@click.option("--param", required=True, help="the defense arg to sweep (bench list --args DEFENSE), e.g. mask_ratio")
+@click.option("--values", "values_", required=True, help="comma-separated values, e.g. 0.1,0.2,0.3,0.4,0.5")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="PNG + CSV dir  [default: <results>/sweeps]")
+def sweep(param, values_, out, results, cache, **cell) -> None:
+    """One cell per value of a defense arg; plot ASR (w/t), ASR (w/o) and relative CP against it (DiSP Fig. 2)."""
+    import torch
+
+    from bench import tables
+    from bench.cache import ArtifactCache
+    from bench.pipeline import run_cell
+
+    torch.set_num_threads(_threads())
+    values = [v.strip() for v in values_.split(",") if v.strip()]
+    if not values:
+        raise BenchError("--values needs at least one value")
+    if cell["defense"] == "none":
+        raise BenchError("bench sweep varies a defense arg; --defense none has none")
+    specs = [_spec_from(**cell, defense_args={param: v}) for v in values]   # every value validated before any work
+    runs = []
+    for i, spec in enumerate(specs, 1):
+        value = spec.args("defense")[param]
+        click.echo(f"[sweep {i}/{len(specs)}] {spec.defense} {param}={value}", err=True)
+        runs.append((value, run_cell(spec, Path(results), ArtifactCache(Path(cache) if cache else None),
+                                     log=lambda m: click.echo(m, err=True))))
+    df = tables.sweep_frame(runs, param, specs[0].defense)
+    s = specs[0]
+    stem = f"{s.model}-{s.scale}-{s.attack}-{s.target}-{s.defense}-{param}-seed{s.seed}"
+    out_dir = Path(out) if out else Path(results) / "sweeps"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_dir / f"{stem}.csv", index=False)
+    tables.plot_sweep(df, param, out_dir / f"{stem}.png",
+                      f"{s.model} · {s.attack} → {s.target} · {s.defense} (seed {s.seed})")
+    click.echo(tables.to_markdown(df.set_index(param)))
+    click.echo(f"\nwrote {out_dir / (stem + '.png')} and .csv")
 
 
 @cli.command(name="list")

@@ -538,3 +538,39 @@ def plot_cell(records: Sequence[Mapping], path: Path, spec_filter: Mapping[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
     return path
+
+
+def sweep_frame(runs: Sequence[tuple[Any, Sequence[Mapping]]], param: str, defense: str) -> pd.DataFrame:
+    """One row per swept value from that value's run records: the defended row's ASR w/t, ASR w/o and CP,
+    the Backdoored CP, and relative CP = defended / Backdoored x 100 (the DiSP paper's Figure 2 axes)."""
+    out = []
+    for value, recs in runs:
+        by = {r["row"]: r.get("metrics") or {} for r in recs}
+        v = lambda row, k: (by.get(row, {}).get(k) or {}).get("value")
+        cp, cpb = v(defense, "cp"), v("backdoored", "cp")
+        out.append({param: value, "asr_wt": v(defense, "asr_wt"), "asr_wo": v(defense, "asr_wo"), "cp": cp,
+                    "cp_backdoored": cpb, "relative_cp": None if cp is None or not cpb else 100.0 * cp / cpb})
+    return pd.DataFrame(out)
+
+
+def plot_sweep(df: pd.DataFrame, param: str, path: Path, title: str = "") -> Path:
+    """ASR (w/t), ASR (w/o) and relative CP against the swept parameter (PNG, Agg backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for key, label, style in (("asr_wt", "ASR (w/t)", "o-"), ("asr_wo", "ASR (w/o)", "s--"),
+                              ("relative_cp", "relative CP", "^-")):
+        ax.plot(df[param], df[key], style, label=label)
+    ax.set_xlabel(param)
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 110)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    return path

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.cli import main
@@ -485,3 +486,24 @@ def test_lavida_quoted_command_runs_with_its_papers_cell_settings(tmp_path, cach
     assert spec["model"] == "lavida" and spec["defense_args"]["mask_ratio"] == 0.5
     assert spec["decoding"]["block_length"] == 32 and spec["decoding"]["steps"] == 4    # --steps wins
     assert spec["model_args"]["pool_side"] == 2
+
+
+def test_sweep_over_a_defense_arg_writes_png_and_csv(tmp_path, cache, capsys):
+    """DiSP's Figure 2 axes: ASR (w/t), ASR (w/o), relative CP against the mask ratio, one cell per value
+    sharing the base, clean and backdoored stages."""
+    results = tmp_path / "results"
+    code, out, err = bench(["sweep", "--results", str(results), "--param", "mask_ratio", "--values", "0.1,0.5"] + SMALL,
+                           capsys)
+    assert code == 0, err
+    csvs = list((results / "sweeps").glob("*.csv"))
+    assert len(csvs) == 1 and csvs[0].with_suffix(".png").stat().st_size > 1000
+    df = pd.read_csv(csvs[0])
+    assert df["mask_ratio"].tolist() == [0.1, 0.5]
+    recs = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    disp = [r for r in recs if r["row"] == "disp"]
+    assert [r["spec"]["defense_args"]["mask_ratio"] for r in disp] == [0.1, 0.5]
+    for (_, row), r in zip(df.iterrows(), disp):
+        assert row["asr_wt"] == r["metrics"]["asr_wt"]["value"] and row["cp"] == r["metrics"]["cp"]["value"]
+    assert len({r["stage_keys"]["model"] for r in recs if r["row"] == "backdoored"}) == 1   # shared stages
+    code, _, err = bench(["sweep", "--results", str(results), "--param", "bogus", "--values", "1"], capsys)
+    assert code == 2 and "unknown defense disp arg(s) ['bogus']" in err
