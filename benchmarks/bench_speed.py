@@ -9,6 +9,7 @@ cold: `bench run` from an empty artifact cache (encoder + base training included
 warm: the same command with only the base stage cached, target <= 180 s.
 peak RSS of the run (the child process), target <= 4 GiB.
 saliency: all Hutchinson probes in one batched backward pass vs. a loop of single-probe passes.
+crossview: time per training step and peak memory of the cross-view objective vs the plain fine-tune.
 prefix cache: LaViDa tiny generating 32-token answers with the prompt's K/V cached vs. without.
 """
 from __future__ import annotations
@@ -92,6 +93,41 @@ def prefix_cache_speedup(repeats: int = 2) -> tuple[float, float]:
     return out[True], out[False]
 
 
+_STEP_SCRIPT = """
+import resource, sys, time, torch
+torch.set_num_threads(2)
+from bench.pipeline import Cell, make_spec
+from bench.cache import ArtifactCache
+from defenses.base import DefenseContext
+from defenses.crossview import CrossView
+cell = Cell(make_spec(defense='crossview'), ArtifactCache('/nonexistent'), log=lambda _: None)
+model = cell.fresh_model(); model.set_trainable('projector+lm'); model.train()
+batch = model.collate(cell.pool()[:32])
+d, ctx = CrossView(), DefenseContext(spec=cell.defender_spec(), finetune=None, base_model=None)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+g = torch.Generator().manual_seed(0)
+def step():
+    loss = model.loss(batch, g) + (d.objective(model, batch, ctx) if sys.argv[1] == 'crossview' else 0)
+    opt.zero_grad(); loss.backward(); opt.step()
+step()
+t0 = time.perf_counter()
+for _ in range(5):
+    step()
+print((time.perf_counter() - t0) / 5, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+"""
+
+
+def crossview_cost() -> dict[str, tuple[float, float]]:
+    """Seconds per training step (batch 32, default tiny llada-v) and peak RSS (GiB) of a plain step vs a
+    cross-view step (two views: the task loss plus the objective's two passes), each in a fresh process."""
+    out = {}
+    for mode in ("plain", "crossview"):
+        res = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, mode], cwd=ROOT, capture_output=True, text=True, check=True)
+        sec, rss = map(float, res.stdout.split())
+        out[mode] = (sec, rss)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="insertion")
@@ -115,6 +151,10 @@ def main() -> None:
         print(f"peak RSS       : {rss:7.2f} GiB ratio to 4 GiB target: {rss / 4:.2f}")
     fast, slow = saliency_speedup()
     print(f"saliency, 64 inputs x 6 probes: batched {fast:.3f} s, looped {slow:.3f} s, speed-up x{slow / fast:.2f}")
+    cost = crossview_cost()
+    (ps, pm), (cs, cm) = cost["plain"], cost["crossview"]
+    print(f"crossview training step (batch 32): {cs:.3f} s vs plain {ps:.3f} s (x{cs / ps:.2f} time per epoch); "
+          f"peak RSS {cm:.2f} GiB vs {pm:.2f} GiB (x{cm / pm:.2f}; target <= 2.2)")
     cached, full = prefix_cache_speedup()
     print(f"lavida 32-token answers, 64 inputs: prompt K/V cached {cached:.3f} s, full sequence every step "
           f"{full:.3f} s, speed-up x{full / cached:.2f} (LaViDa reports ~2x; aim 3x)")

@@ -79,6 +79,22 @@ def perturb_patch(images: torch.Tensor, g: torch.Generator, area_min: float = 0.
     return out, boxes
 
 
+def l_patch(phi: torch.Tensor, phi2: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: (1/B) sum_b ||phi(x_b) - phi(x~_b)||^2, phi (B, d)."""
+    return ((phi - phi2) ** 2).sum(-1).mean()
+
+
+def l_cv_dis(p: torch.Tensor, p2: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: (1/|Omega|) sum_{(b,t) in Omega} cos(p_bt, p~_bt); p, p2 (B, T, V), omega (B, T) bool."""
+    return F.cosine_similarity(p[omega], p2[omega], dim=-1).mean()
+
+
+def l_ent(p: torch.Tensor, omega: torch.Tensor, h0: float) -> torch.Tensor:
+    """Eq. 15-16: (1/|Omega|) sum_{(b,t) in Omega} max(0, H0 - H_bt), H the entropy (nats) of p_bt."""
+    h = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+    return F.relu(h0 - h[omega]).mean()
+
+
 def crossview_terms(model, batch: Batch, images2: torch.Tensor, g: torch.Generator, h0: float) -> dict:
     """L_patch, L_cv-dis and L_ent of one batch (Eq. 12, 14, 16) for a masked-diffusion victim."""
     B, G = batch.response.shape
@@ -97,13 +113,10 @@ def crossview_terms(model, batch: Batch, images2: torch.Tensor, g: torch.Generat
     idx = batch.vis_pos[..., None].expand(-1, -1, feats[0].shape[-1])
     phi, phi2 = (f.gather(1, idx).mean(1) for f in feats)
     p1, p2 = F.softmax(z.float(), -1), F.softmax(z2.float(), -1)
-    ent = -(p1 * torch.log(p1.clamp_min(1e-12))).sum(-1)
     if not masked.any():
         zero = z.sum() * 0
-        return {"patch": ((phi - phi2) ** 2).sum(-1).mean(), "cv_dis": zero, "ent": zero}
-    return {"patch": ((phi - phi2) ** 2).sum(-1).mean(),
-            "cv_dis": F.cosine_similarity(p1[masked], p2[masked], dim=-1).mean(),
-            "ent": F.relu(h0 - ent[masked]).mean()}
+        return {"patch": l_patch(phi, phi2), "cv_dis": zero, "ent": zero}
+    return {"patch": l_patch(phi, phi2), "cv_dis": l_cv_dis(p1, p2, masked), "ent": l_ent(p1, masked, h0)}
 
 
 @register("defenses", "crossview")

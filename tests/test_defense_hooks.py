@@ -229,3 +229,40 @@ def test_bye_drops_the_low_entropy_cluster_of_sensitive_layers(monkeypatch, cach
     recs = run("bye", cache, tmp_path)                        # end to end on the reduced config
     info = recs["bye"]["stage_info"]
     assert info["n_kept"] == 100 - info["dropped"] and info["removed_poisoned"] + info["removed_clean"] == info["dropped"]
+
+
+def test_crossview_terms_by_hand():
+    import math
+
+    from defenses.crossview import l_cv_dis, l_ent, l_patch
+    phi = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    phi2 = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    assert l_patch(phi, phi2).item() == pytest.approx((4.0 + 25.0) / 2)                 # (||(0,2)||^2 + ||(3,4)||^2) / B
+    p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+    p2 = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
+    omega = torch.tensor([[True, True]])
+    assert l_cv_dis(p, p2, omega).item() == pytest.approx((0.0 + 1.0) / 2)              # orthogonal, identical
+    assert l_cv_dis(p, p2, torch.tensor([[True, False]])).item() == pytest.approx(0.0)   # only Omega counts
+    # H = 0 and ln 2 = 0.693; with H0 = 0.5 the hinge is 0.5 and 0
+    assert l_ent(p, omega, 0.5).item() == pytest.approx(0.5 / 2, abs=1e-6)
+    assert l_ent(p, omega, 1.0).item() == pytest.approx((1.0 + 1.0 - math.log(2)) / 2, abs=1e-6)
+
+
+def test_strip_threshold_flags_the_stated_share_of_clean_inputs(monkeypatch):
+    import numpy as np
+
+    import defenses.strip as strip
+    from defenses.base import DefenseContext
+    from tasks.base import Sample
+    clean = [Sample(np.full((4, 4, 3), i / 200, np.float32), "p", "r", {"id": str(i)}) for i in range(200)]
+    # the entropy of clean input i under blending: i / 100 nats (so the 1% quantile sits near 0.02)
+    monkeypatch.setattr(strip, "strip_entropy",
+                        lambda model, samples, overlays, alpha, gen, bs=400: np.array([s.image[0, 0, 0] * 2 for s in samples]))
+    ctx = DefenseContext(spec=Cell(spec("strip"), ArtifactCache("/nonexistent"), log=lambda _: None).defender_spec(),
+                         finetune=None, base_model=None, clean=clean)
+    d = strip.STRIP(n_overlay=200, frr=0.01)
+    state = d.fit_guard(None, [], ctx)
+    assert state["threshold"] == pytest.approx(np.quantile(np.arange(200) / 100, 0.01))
+    flags = d.guard(None, clean, state)
+    assert sum(flags) == 2                                     # 1% of 200 clean inputs fall below it
+    assert d.guard(None, [Sample(np.zeros((4, 4, 3), np.float32), "p", "r", {})], state) == [True]
