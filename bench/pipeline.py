@@ -159,7 +159,7 @@ class Cell:
         missing = [c for c in getattr(self.defense, "requires", ()) if c not in has]
         if missing:
             raise BenchError(f"defense {self.spec.defense} needs a {', '.join(missing)} victim; model {self.spec.model} "
-                             f"is a {getattr(self.entry, 'family', 'model')} (capabilities: {', '.join(has) or 'none'})")
+                             f"({getattr(self.entry, 'family', 'model')}) has capabilities: {', '.join(has) or 'none'}")
         self.target.check(self.task)
         sample = next((x for x in self.target.test_inputs(self.task) if self.target.eligible(x)), None)
         texts = [(f"target {self.spec.target}", self.target.rewrite(sample))] if sample is not None else []

@@ -27,6 +27,7 @@ BUILTIN_MODULES = (
     "attacks.targets",
     "models.llada_v",
     "models.lavida",
+    "models.llava",
     "defenses.none",
     "defenses.disp",
     "defenses.random_drop",

@@ -13,10 +13,12 @@ The second view (§3.2): a square patch of 1-5% of the image area at a uniform p
 0), replaced by uniform noise, or shuffled (its pixels permuted), one of the three at random.
 
 Our choices where the paper is silent (it publishes no code; this is the first public implementation):
-- supervised positions for a masked-diffusion victim are the masked answer positions of an LLaDA SFT
-  draw (t ~ U(0, 1), mask with p = (1 - 1e-3) t + 1e-3), the same noisy answer for both views;
-- phi is the middle LM block's output averaged over the visual positions (`model.phi_module()`), so the
-  squared norm runs over the model width (the paper's phi is "the middle layer's multimodal feature");
+- supervised positions (the paper's Omega, Eq. 13) are the victim's own: for a masked-diffusion victim
+  the masked answer positions of an LLaDA SFT draw (t ~ U(0, 1), mask with p = (1 - 1e-3) t + 1e-3),
+  the same noisy answer for both views; for an autoregressive one the answer tokens (teacher forcing);
+- phi is the victim's middle-layer module (`model.phi_module()`: the middle LM block for LLaDA-V and
+  LLaVA) averaged over the visual positions, so the squared norm runs over the model width (the
+  paper's phi is "the middle layer's multimodal feature");
 - the lambda weights and H0 have no published values: lambda1 = 0.1 and lambda3 = 0.1 (Fig. 3 shows both
   as stabilisers whose effect saturates), lambda2 = 1.0 (Fig. 3: the term that drives ASR down), H0 =
   0.5 nats; all are config fields recorded in every spec.
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from core.errors import BenchError
 from core.registry import register
 from defenses.base import Defense
-from models.base import MASKED_DIFFUSION, Batch
+from models.base import Batch
 
 OPS = ("mask", "noise", "shuffle")
 
@@ -96,27 +98,25 @@ def l_ent(p: torch.Tensor, omega: torch.Tensor, h0: float) -> torch.Tensor:
 
 
 def crossview_terms(model, batch: Batch, images2: torch.Tensor, g: torch.Generator, h0: float) -> dict:
-    """L_patch, L_cv-dis and L_ent of one batch (Eq. 12, 14, 16) for a masked-diffusion victim."""
-    B, G = batch.response.shape
-    t = torch.rand(B, generator=g)
-    p = (1 - 1e-3) * t + 1e-3
-    masked = torch.rand(B, G, generator=g) < p[:, None]
-    noisy = torch.where(masked, torch.full_like(batch.response, model.mask_id), batch.response)
+    """L_patch, L_cv-dis and L_ent of one batch (Eq. 12, 14, 16), for either family: the supervised
+    positions Omega are the victim's own (`supervised_positions`: masked answer positions of one
+    LLaDA draw for a diffusion victim, the answer tokens for an autoregressive one), shared by both views."""
+    answer, omega = model.supervised_positions(batch, g)
     feats: list[torch.Tensor] = []
-    hook = model.phi_module().register_forward_hook(lambda mod, inp, out: feats.append(out))
+    hook = model.phi_module().register_forward_hook(
+        lambda mod, inp, out: feats.append(out[0] if isinstance(out, tuple) else out))
     try:
-        z = model.answer_logits(model.prompt_embeds(batch, visual_mask=batch.visual_mask), batch.key_mask, noisy)
-        view2 = dataclasses.replace(batch, images=images2)
-        z2 = model.answer_logits(model.prompt_embeds(view2, visual_mask=batch.visual_mask), batch.key_mask, noisy)
+        z = model.view_logits(batch, answer)
+        z2 = model.view_logits(dataclasses.replace(batch, images=images2), answer)
     finally:
         hook.remove()
     idx = batch.vis_pos[..., None].expand(-1, -1, feats[0].shape[-1])
     phi, phi2 = (f.gather(1, idx).mean(1) for f in feats)
     p1, p2 = F.softmax(z.float(), -1), F.softmax(z2.float(), -1)
-    if not masked.any():
+    if not omega.any():
         zero = z.sum() * 0
         return {"patch": l_patch(phi, phi2), "cv_dis": zero, "ent": zero}
-    return {"patch": l_patch(phi, phi2), "cv_dis": l_cv_dis(p1, p2, masked), "ent": l_ent(p1, masked, h0)}
+    return {"patch": l_patch(phi, phi2), "cv_dis": l_cv_dis(p1, p2, omega), "ent": l_ent(p1, omega, h0)}
 
 
 @register("defenses", "crossview")
@@ -124,7 +124,6 @@ class CrossView(Defense):
     """Cross-view regularization: a patch-perturbed second view, feature consistency, cross-view output discrepancy, entropy floor."""
 
     Config, kind = CrossViewConfig, "objective"
-    requires = (MASKED_DIFFUSION,)   # supervised positions = masked answer positions (AR victims: with the model zoo)
 
     def objective(self, model, batch, ctx):
         if not hasattr(self, "_g"):

@@ -64,6 +64,15 @@ class VictimModel(Protocol):
 
     def generate(self, batch: Batch, decoding, generator: torch.Generator | None = None) -> torch.Tensor: ...
 
+    def supervised_positions(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the answer as the model sees it in one training draw, (B, G) positions the loss supervises)."""
+
+    def view_logits(self, batch: Batch, answer: torch.Tensor) -> torch.Tensor:
+        """(B, G, V) answer logits for the batch's images given that answer (a training-time view)."""
+
+    def phi_module(self) -> torch.nn.Module:
+        """The module whose output at the visual positions is the family's middle-layer feature phi."""
+
     def set_trainable(self, parts: str) -> None: ...
 
     def decode(self, ids: torch.Tensor) -> list[str]: ...

@@ -112,3 +112,37 @@ def pretrain_mim(tower: VisionTower, images: np.ndarray, epochs: int, seed: int,
     bar.close()
     tower.eval()
     return losses
+
+
+def siglip_config(cfg: EncoderConfig):
+    """transformers' SiglipVisionConfig of the same geometry as our tower (no head; exact GELU and
+    LayerNorm eps 1e-5 as ours), for victims built on transformers' classes (LLaVA)."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=cfg.dim, intermediate_size=4 * cfg.dim, num_hidden_layers=cfg.n_layers,
+                              num_attention_heads=cfg.n_heads, image_size=cfg.image_size, patch_size=cfg.patch,
+                              hidden_act="gelu", layer_norm_eps=1e-5, vision_use_head=False)
+
+
+def siglip_state(tower: VisionTower) -> dict[str, torch.Tensor]:
+    """Our tower's weights under SiglipVisionModel's names (packed q/k/v split), so that a transformers
+    SigLIP tower computes exactly our features: hidden_states[-2] == tower(images), given (x - 0.5) / 0.5."""
+    sd = tower.state_dict()
+    d = tower.cfg.dim
+    out = {"embeddings.patch_embedding.weight": sd["patch_embedding.weight"],
+           "embeddings.patch_embedding.bias": sd["patch_embedding.bias"],
+           "embeddings.position_embedding.weight": sd["position_embedding"][0],
+           "post_layernorm.weight": sd["post_layernorm.weight"], "post_layernorm.bias": sd["post_layernorm.bias"]}
+    for i in range(tower.cfg.n_layers):
+        p, q = f"layers.{i}.", f"encoder.layers.{i}."
+        w, b = sd[p + "self_attn.in_proj_weight"], sd[p + "self_attn.in_proj_bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[q + f"self_attn.{name}.weight"] = w[j * d:(j + 1) * d]
+            out[q + f"self_attn.{name}.bias"] = b[j * d:(j + 1) * d]
+        out[q + "self_attn.out_proj.weight"] = sd[p + "self_attn.out_proj.weight"]
+        out[q + "self_attn.out_proj.bias"] = sd[p + "self_attn.out_proj.bias"]
+        for ln in ("layer_norm1", "layer_norm2"):
+            out[q + f"{ln}.weight"], out[q + f"{ln}.bias"] = sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"]
+        out[q + "mlp.fc1.weight"], out[q + "mlp.fc1.bias"] = sd[p + "mlp.0.weight"], sd[p + "mlp.0.bias"]
+        out[q + "mlp.fc2.weight"], out[q + "mlp.fc2.bias"] = sd[p + "mlp.2.weight"], sd[p + "mlp.2.bias"]
+    return out

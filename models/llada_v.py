@@ -91,24 +91,18 @@ def views(images: torch.Tensor, view_size: int) -> torch.Tensor:
     return torch.cat([base.permute(0, 2, 3, 1)[:, None], crops], dim=1)
 
 
-class LLaDAV(nn.Module):
-    """A LLaDA-V-style VLM. Sequence: <bos> template-prefix [visual x T] prompt <pad>* template-suffix | answer."""
+class TemplateLayout:
+    """The prompt layout every tiny victim shares, diffusion or autoregressive: <bos> template-prefix
+    [visual x T] prompt <pad>* template-suffix, the answer after it; collation into a Batch; decoding."""
 
-    def __init__(self, cfg: TinyConfig, tokenizer, template: str):
-        super().__init__()
-        self.cfg, self.tok, self.template = cfg, tokenizer, template
-        enc = cfg.encoder()
-        self.vision_tower = VisionTower(enc)
-        self.mm_projector = nn.Sequential(nn.Linear(enc.dim, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
-        self.lm = LLaDA(LMConfig(tokenizer.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_hidden))
+    def init_layout(self, tokenizer, template: str, n_visual: int) -> None:
         pre, rest = template.split("<image>")
         mid, post = rest.split("{prompt}")
         self._pre = [tokenizer.bos_id] + [tokenizer.token(w) for w in pre.split()]
         self._mid = [tokenizer.token(w) for w in mid.split()]
         self._post = [tokenizer.token(w) for w in post.split()]
-        self.n_visual = cfg.n_views * enc.n_tokens
-        self.visual_span = slice(len(self._pre), len(self._pre) + self.n_visual)
-        self.mask_id = tokenizer.mask_id
+        self.n_visual = n_visual
+        self.visual_span = slice(len(self._pre), len(self._pre) + n_visual)
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str, prompt_at: int | None = None) -> tuple[list[int], list[bool], list[int]]:
@@ -150,6 +144,23 @@ class LLaDAV(nn.Module):
             for i, s in enumerate(samples):
                 vmask[i, list(s.meta.get("masked_visual", ()))] = True
         return Batch(images, torch.tensor(ids), torch.tensor(real), torch.tensor(vis), resp, vmask)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [self.tok.decode(row.tolist()) for row in ids]
+
+
+class LLaDAV(TemplateLayout, nn.Module):
+    """A LLaDA-V-style VLM. Sequence: <bos> template-prefix [visual x T] prompt <pad>* template-suffix | answer."""
+
+    def __init__(self, cfg: TinyConfig, tokenizer, template: str):
+        super().__init__()
+        self.cfg, self.tok, self.template = cfg, tokenizer, template
+        enc = cfg.encoder()
+        self.vision_tower = VisionTower(enc)
+        self.mm_projector = nn.Sequential(nn.Linear(enc.dim, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+        self.lm = LLaDA(LMConfig(tokenizer.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_hidden))
+        self.init_layout(tokenizer, template, cfg.n_views * enc.n_tokens)
+        self.mask_id = tokenizer.mask_id
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         v = views(images, self.cfg.view_size)
@@ -208,6 +219,19 @@ class LLaDAV(nn.Module):
             out.append(img / img.sum(-1, keepdim=True))
         return torch.stack(out, dim=1)
 
+    def supervised_positions(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer as the model sees it in one training draw and the positions the loss supervises:
+        an LLaDA SFT draw (t ~ U(0, 1), mask w.p. (1 - 1e-3) t + 1e-3), the masked positions."""
+        B, G = batch.response.shape
+        t = torch.rand(B, generator=generator)
+        p = (1 - 1e-3) * t + 1e-3
+        masked = torch.rand(B, G, generator=generator) < p[:, None]
+        return torch.where(masked, torch.full_like(batch.response, self.mask_id), batch.response), masked
+
+    def view_logits(self, batch: Batch, answer: torch.Tensor) -> torch.Tensor:
+        """(B, G, V) answer logits for this batch's images given the answer as the model sees it."""
+        return self.answer_logits(self.prompt_embeds(batch, visual_mask=batch.visual_mask), batch.key_mask, answer)
+
     def phi_module(self) -> nn.Module:
         """The module whose output is the cross-view defense's middle-layer feature phi (the middle LM
         block; its output at the visual positions)."""
@@ -233,9 +257,6 @@ class LLaDAV(nn.Module):
         pe = self.prompt_embeds(batch, visual_mask=visual_mask)
         return generate(lambda a: self.answer_logits(pe, batch.key_mask, a), len(batch), decoding.gen_length,
                         self.mask_id, decoding.steps, decoding.block_length, decoding.remasking, generator)
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        return [self.tok.decode(row.tolist()) for row in ids]
 
     def set_trainable(self, parts: str) -> None:
         on = PARTS[parts]

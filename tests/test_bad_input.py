@@ -48,6 +48,9 @@ CASES = [
                  id="scale-full"),
     pytest.param(["--scale", "huge"], {}, "unknown scale 'huge' for llada-v (valid: tiny)", id="scale-unknown"),
     pytest.param(["--model-arg", "n_heads=5"], {}, "multiples of their head counts", id="model-heads-indivisible"),
+    pytest.param(["--model", "llava", "--defense", "disp"], {},
+                 "defense disp needs a masked-diffusion victim; model llava (autoregressive VLM) has capabilities: none",
+                 id="disp-on-an-autoregressive-victim"),
     pytest.param(["--model-arg", "enc_layers=1"], {}, "enc_layers must be >= 2", id="model-enc-layers-1"),
     pytest.param([], {"BENCH_THREADS": "0"}, "BENCH_THREADS must be a positive integer", id="threads-0"),
     # need the task: the pipeline's pre-flight (Cell construction)
@@ -130,6 +133,6 @@ def test_defense_needing_a_capability_the_victim_lacks_is_refused(tmp_path, monk
         main(["run", "--results", str(results), "--cache", str(cache), "--defense", "needs-xattn"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
-    assert ("defense needs-xattn needs a gated-cross-attention victim; model llada-v is a masked-diffusion VLM "
-            "(capabilities: masked-diffusion, image-attention)") in err
+    assert ("defense needs-xattn needs a gated-cross-attention victim; model llada-v (masked-diffusion VLM) "
+            "has capabilities: masked-diffusion, image-attention") in err
     assert files_under(results) == [] and files_under(cache) == []

@@ -1,0 +1,193 @@
+"""LLaVA (LLaVA-1.5; transformers' `LlavaForConditionalGeneration`): a vision tower, a 2-layer GELU MLP
+projector and a causal LLaMA LM; the autoregressive victim of the cross-view paper.
+
+The `tiny` scale is transformers' own class at a small config, trained here on the embedded task:
+- the vision tower is a `SiglipVisionModel` holding exactly the frozen tiny encoder every victim reads
+  (pretrained by masked-patch reconstruction with the seed's data, then copied in by
+  `models.encoder.siglip_state`; features from the second-to-last layer), and it reads the same
+  views as the tiny LLaDA-V (a base view plus four crops), so victims differ by architecture, not by
+  what they see;
+- the LM is a `LlamaConfig` model of the tiny LLaDA's size (d 96, 3 layers, 4 heads, SwiGLU 256,
+  RoPE), causal, trained with next-token cross-entropy on the answer (prompt positions ignored,
+  the answer ends at its first <eos>), decoded greedily one token at a time with a key/value cache;
+- gradients w.r.t. the projected visual tokens go through `inputs_embeds`.
+
+Trainable parts map to the class's modules: `projector` = `multi_modal_projector`, `projector+lm`
+adds `language_model` and `lm_head`, `all` adds `vision_tower`. The masked-diffusion capability is
+absent: DiSP is refused up front. CP is scored at the last prompt position (the next-token logits),
+cp_blind with the visual positions removed from the attention mask.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.errors import BenchError
+from core.registry import register
+from models.base import Batch
+from models.encoder import VisionTower, pretrain_mim, siglip_config, siglip_state
+from models.llada_v import TemplateLayout, TinyConfig, views
+from models.train import finetune
+
+PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
+         "all": ("multi_modal_projector", "language_model", "lm_head", "vision_tower")}
+
+
+@dataclass(frozen=True)
+class LlavaTinyConfig(TinyConfig):
+    """The tiny sizes and base recipe shared with LLaDA-V; no masked visual tokens (an AR LM has no
+    mask token, and no defense here masks its inputs)."""
+
+    masked_visual_frac: float = 0.0
+
+
+class LLaVA(TemplateLayout, nn.Module):
+    """A `LlavaForConditionalGeneration` behind the victim core contract."""
+
+    def __init__(self, cfg: LlavaTinyConfig, tokenizer, template: str):
+        super().__init__()
+        from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        self.cfg, self.tok, self.template = cfg, tokenizer, template
+        enc = cfg.encoder()
+        self._mim = [VisionTower(enc)]     # first, as in LLaDA-V, so the same seed gives the same encoder
+        text = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+                           num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                           num_key_value_heads=cfg.n_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
+                           pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                           tie_word_embeddings=False)
+        config = LlavaConfig(vision_config=siglip_config(enc), text_config=text, image_token_index=tokenizer.image_id,
+                             projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="full")
+        self.hf = LlavaForConditionalGeneration(config)
+        self.hf.model.vision_tower.load_state_dict(siglip_state(self._mim[0]))
+        self.init_layout(tokenizer, template, cfg.n_views * enc.n_tokens)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        v = views(images, self.cfg.view_size)
+        pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
+        tower = self.hf.model.vision_tower
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
+            feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        return self.hf.model.multi_modal_projector(feats.reshape(len(images), -1, feats.shape[-1]))
+
+    def prompt_embeds(self, batch: Batch, visual: torch.Tensor | None = None) -> torch.Tensor:
+        if visual is None:
+            visual = self.visual_embeds(batch.images)
+        e = self.hf.get_input_embeddings()(batch.ids)
+        return e.scatter(1, batch.vis_pos[..., None].expand(-1, -1, e.shape[-1]), visual)
+
+    def _keys(self, batch: Batch, visual_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention mask of the prompt: padding off, and hidden visual tokens off."""
+        keys = batch.key_mask.clone()
+        if visual_mask is not None:
+            keys.scatter_(1, batch.vis_pos, batch.key_mask.gather(1, batch.vis_pos) & ~visual_mask)
+        return keys
+
+    def _logits(self, embeds: torch.Tensor, keys: torch.Tensor, **kw):
+        pos = (keys.long().cumsum(-1) - 1).clamp_min(0)            # padding never shifts RoPE distances
+        return self.hf(inputs_embeds=embeds, attention_mask=keys.long(), position_ids=pos, **kw)
+
+    # ---- objectives and decoding ---------------------------------------------------------------
+    def supervised_positions(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer (teacher forcing) and the positions the loss supervises: up to its first <eos>."""
+        is_eos = (batch.response == self.tok.eos_id).long()
+        return batch.response, is_eos.cumsum(1) - is_eos == 0
+
+    def view_logits(self, batch: Batch, answer: torch.Tensor) -> torch.Tensor:
+        """(B, G, V) teacher-forced logits: position t predicts answer token t from the prompt and answer[:t]."""
+        pe = self.prompt_embeds(batch)
+        x = torch.cat([pe, self.hf.get_input_embeddings()(answer[:, :-1])], dim=1)
+        keys = torch.cat([batch.key_mask, torch.ones_like(answer[:, :-1], dtype=torch.bool)], dim=1)
+        return self._logits(x, keys).logits[:, pe.shape[1] - 1:]
+
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next-token cross-entropy on the answer up to and including its first <eos>."""
+        answer, omega = self.supervised_positions(batch)
+        logits = self.view_logits(batch, answer)
+        return F.cross_entropy(logits[omega], answer[omega])
+
+    def first_answer_logits(self, batch: Batch, visual_mask: torch.Tensor | None = None,
+                            gen_length: int = 32) -> torch.Tensor:
+        return self._logits(self.prompt_embeds(batch), self._keys(batch, visual_mask)).logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, decoding, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy decoding of decoding.gen_length tokens with a key/value cache (steps, block_length and
+        remasking are masked-diffusion settings and do not apply); after <eos>, <eos>."""
+        keys = batch.key_mask
+        out = self._logits(self.prompt_embeds(batch), keys, use_cache=True)
+        past, nxt = out.cache, out.logits[:, -1].argmax(-1)
+        done = nxt == self.tok.eos_id
+        toks = [nxt]
+        for _ in range(decoding.gen_length - 1):
+            keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
+            pos = keys.long().sum(-1, keepdim=True) - 1
+            out = self.hf(inputs_embeds=self.hf.get_input_embeddings()(nxt[:, None]), attention_mask=keys.long(),
+                          position_ids=pos, cache=past, use_cache=True)
+            past = out.cache
+            nxt = torch.where(done, torch.full_like(nxt, self.tok.eos_id), out.logits[:, -1].argmax(-1))
+            done |= nxt == self.tok.eos_id
+            toks.append(nxt)
+        return torch.stack(toks, dim=1)
+
+    def phi_module(self) -> nn.Module:
+        """The middle LM layer (the cross-view defense's phi for LLaVA)."""
+        layers = self.hf.model.language_model.layers
+        return layers[(len(layers) - 1) // 2]
+
+    def set_trainable(self, parts: str) -> None:
+        on = PARTS[parts]
+        mods = {"multi_modal_projector": self.hf.model.multi_modal_projector, "language_model": self.hf.model.language_model,
+                "lm_head": self.hf.lm_head, "vision_tower": self.hf.model.vision_tower}
+        for name, mod in mods.items():
+            mod.requires_grad_(name in on)
+
+
+def _resolve(scale: str, overrides: dict) -> dict:
+    if scale == "full":
+        raise BenchError("scale 'full' for llava needs a published LLaVA-1.5 checkpoint, which this version cannot "
+                         "load yet (valid now: tiny)")
+    if scale != "tiny":
+        raise BenchError(f"unknown scale {scale!r} for llava (valid: tiny)")
+    valid = {f.name for f in fields(LlavaTinyConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(sorted(valid))})")
+    return asdict(LlavaTinyConfig(**overrides))
+
+
+@register("models", "llava")
+class LlavaEntry:
+    """LLaVA-1.5 (transformers LlavaForConditionalGeneration): SigLIP tower -> MLP projector -> causal LLaMA; scale tiny."""
+
+    scales = ("tiny",)
+    family = "autoregressive VLM"
+    capabilities = ()
+    trainable_parts = tuple(PARTS)
+    resolve = staticmethod(_resolve)
+    decoding_defaults = {"steps": 32, "block_length": 32}     # greedy, one token a step: recorded, not used
+
+    @staticmethod
+    def build(model_args: dict, tokenizer, template: str, seed: int) -> LLaVA:
+        torch.manual_seed(seed)
+        return LLaVA(LlavaTinyConfig(**model_args), tokenizer, template)
+
+    @staticmethod
+    def train_base(model: LLaVA, task, seed: int, gen_length: int) -> dict:
+        """The shared encoder's MIM pretraining (then frozen, copied into the SigLIP tower), then projector
+        + LM on the base instruction mix with the prompt placed before/among the visual tokens in half."""
+        cfg = model.cfg
+        images = views(torch.from_numpy(np.array(task.encoder_images())), cfg.view_size)
+        mim = pretrain_mim(model._mim[0], images.reshape(-1, *images.shape[2:]).numpy(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+        model.hf.model.vision_tower.load_state_dict(siglip_state(model._mim[0]))
+        rng = np.random.default_rng([seed, 41])
+        samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})
+                   if rng.random() < cfg.prompt_first_frac else s for s in task.base_samples()]
+        base = finetune(model, samples, trainable="projector+lm", lr=cfg.base_lr, epochs=cfg.base_epochs,
+                        batch_size=cfg.base_batch, seed=seed, gen_length=gen_length, desc="base LM")
+        return {"mim_loss": mim[-1], "base_loss": base[-1]}
