@@ -28,6 +28,7 @@ BUILTIN_MODULES = (
     "models.llada_v",
     "models.lavida",
     "models.llava",
+    "models.blip2",
     "defenses.none",
     "defenses.disp",
     "defenses.random_drop",

@@ -16,9 +16,10 @@ Our choices where the paper is silent (it publishes no code; this is the first p
 - supervised positions (the paper's Omega, Eq. 13) are the victim's own: for a masked-diffusion victim
   the masked answer positions of an LLaDA SFT draw (t ~ U(0, 1), mask with p = (1 - 1e-3) t + 1e-3),
   the same noisy answer for both views; for an autoregressive one the answer tokens (teacher forcing);
-- phi is the victim's middle-layer module (`model.phi_module()`: the middle LM block for LLaDA-V and
-  LLaVA) averaged over the visual positions, so the squared norm runs over the model width (the
-  paper's phi is "the middle layer's multimodal feature");
+- phi is the victim's own middle-layer feature (`model.phi_module()`, reduced per sample by
+  `model.phi_pool`): the middle LM block averaged over the visual positions for LLaDA-V, LaViDa and
+  LLaVA, the Q-Former output averaged over the queries for BLIP-2, so the squared norm runs over the
+  feature width (the paper's phi is "the middle layer's multimodal feature");
 - the lambda weights and H0 have no published values: lambda1 = 0.1 and lambda3 = 0.1 (Fig. 3 shows both
   as stabilisers whose effect saturates), lambda2 = 1.0 (Fig. 3: the term that drives ASR down), H0 =
   0.5 nats; all are config fields recorded in every spec.
@@ -104,14 +105,13 @@ def crossview_terms(model, batch: Batch, images2: torch.Tensor, g: torch.Generat
     answer, omega = model.supervised_positions(batch, g)
     feats: list[torch.Tensor] = []
     hook = model.phi_module().register_forward_hook(
-        lambda mod, inp, out: feats.append(out[0] if isinstance(out, tuple) else out))
+        lambda mod, inp, out: feats.append(out if torch.is_tensor(out) else out[0]))
     try:
         z = model.view_logits(batch, answer)
         z2 = model.view_logits(dataclasses.replace(batch, images=images2), answer)
     finally:
         hook.remove()
-    idx = batch.vis_pos[..., None].expand(-1, -1, feats[0].shape[-1])
-    phi, phi2 = (f.gather(1, idx).mean(1) for f in feats)
+    phi, phi2 = (model.phi_pool(f, batch) for f in feats)
     p1, p2 = F.softmax(z.float(), -1), F.softmax(z2.float(), -1)
     if not omega.any():
         zero = z.sum() * 0

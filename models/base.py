@@ -71,7 +71,10 @@ class VictimModel(Protocol):
         """(B, G, V) answer logits for the batch's images given that answer (a training-time view)."""
 
     def phi_module(self) -> torch.nn.Module:
-        """The module whose output at the visual positions is the family's middle-layer feature phi."""
+        """The module whose output is the family's middle-layer feature phi (cross-view defense)."""
+
+    def phi_pool(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(B, d) per-sample phi from phi_module()'s output."""
 
     def set_trainable(self, parts: str) -> None: ...
 

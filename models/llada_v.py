@@ -148,6 +148,10 @@ class TemplateLayout:
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tok.decode(row.tolist()) for row in ids]
 
+    def phi_pool(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(B, d): phi_module()'s output averaged over the visual positions of the sequence."""
+        return out.gather(1, batch.vis_pos[..., None].expand(-1, -1, out.shape[-1])).mean(1)
+
 
 class LLaDAV(TemplateLayout, nn.Module):
     """A LLaDA-V-style VLM. Sequence: <bos> template-prefix [visual x T] prompt <pad>* template-suffix | answer."""

@@ -63,14 +63,22 @@ class LLaVA(TemplateLayout, nn.Module):
         config = LlavaConfig(vision_config=siglip_config(enc), text_config=text, image_token_index=tokenizer.image_id,
                              projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="full")
         self.hf = LlavaForConditionalGeneration(config)
-        self.hf.model.vision_tower.load_state_dict(siglip_state(self._mim[0]))
+        self._tower().load_state_dict(siglip_state(self._mim[0]))
         self.init_layout(tokenizer, template, cfg.n_views * enc.n_tokens)
+
+    def _tower(self) -> nn.Module:
+        """The vision tower holding the shared frozen encoder."""
+        return self.hf.model.vision_tower
+
+    def _lm(self) -> nn.Module:
+        """What takes inputs_embeds and returns logits (and a cache)."""
+        return self.hf
 
     # ---- inputs ---------------------------------------------------------------------------------
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         v = views(images, self.cfg.view_size)
         pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
-        tower = self.hf.model.vision_tower
+        tower = self._tower()
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
             feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
         return self.hf.model.multi_modal_projector(feats.reshape(len(images), -1, feats.shape[-1]))
@@ -90,7 +98,7 @@ class LLaVA(TemplateLayout, nn.Module):
 
     def _logits(self, embeds: torch.Tensor, keys: torch.Tensor, **kw):
         pos = (keys.long().cumsum(-1) - 1).clamp_min(0)            # padding never shifts RoPE distances
-        return self.hf(inputs_embeds=embeds, attention_mask=keys.long(), position_ids=pos, **kw)
+        return self._lm()(inputs_embeds=embeds, attention_mask=keys.long(), position_ids=pos, **kw)
 
     # ---- objectives and decoding ---------------------------------------------------------------
     def supervised_positions(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,15 +129,15 @@ class LLaVA(TemplateLayout, nn.Module):
         remasking are masked-diffusion settings and do not apply); after <eos>, <eos>."""
         keys = batch.key_mask
         out = self._logits(self.prompt_embeds(batch), keys, use_cache=True)
-        past, nxt = out.cache, out.logits[:, -1].argmax(-1)
+        past, nxt = out.get("cache"), out.logits[:, -1].argmax(-1)
         done = nxt == self.tok.eos_id
         toks = [nxt]
         for _ in range(decoding.gen_length - 1):
             keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
             pos = keys.long().sum(-1, keepdim=True) - 1
-            out = self.hf(inputs_embeds=self.hf.get_input_embeddings()(nxt[:, None]), attention_mask=keys.long(),
-                          position_ids=pos, cache=past, use_cache=True)
-            past = out.cache
+            out = self._lm()(inputs_embeds=self.hf.get_input_embeddings()(nxt[:, None]), attention_mask=keys.long(),
+                             position_ids=pos, cache=past, use_cache=True)
+            past = out.get("cache")
             nxt = torch.where(done, torch.full_like(nxt, self.tok.eos_id), out.logits[:, -1].argmax(-1))
             done |= nxt == self.tok.eos_id
             toks.append(nxt)
@@ -184,7 +192,7 @@ class LlavaEntry:
         cfg = model.cfg
         images = views(torch.from_numpy(np.array(task.encoder_images())), cfg.view_size)
         mim = pretrain_mim(model._mim[0], images.reshape(-1, *images.shape[2:]).numpy(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
-        model.hf.model.vision_tower.load_state_dict(siglip_state(model._mim[0]))
+        model._tower().load_state_dict(siglip_state(model._mim[0]))
         rng = np.random.default_rng([seed, 41])
         samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})
                    if rng.random() < cfg.prompt_first_frac else s for s in task.base_samples()]

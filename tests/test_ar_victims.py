@@ -133,3 +133,73 @@ def test_crossview_terms_on_an_autoregressive_victim(model, task):
     (other["patch"] + other["cv_dis"]).backward()
     assert m.hf.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
     m.requires_grad_(False)
+
+
+# ---- BLIP-2 ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def blip2(task):
+    from models.blip2 import BLIP2, Blip2TinyConfig
+    torch.manual_seed(0)
+    return BLIP2(Blip2TinyConfig(**SIZES, qformer_dim=32), task.tokenizer(), DEFAULT_TEMPLATE).eval()
+
+
+def test_blip2_lm_sees_the_projected_queries(blip2, task):
+    batch = blip2.collate(task.pool()[:2], gen_length=32)
+    assert blip2.n_visual == 16 and (batch.ids == task.tokenizer().image_id).sum(1).tolist() == [16, 16]
+    e = blip2.visual_embeds(batch.images)
+    assert e.shape == (2, 16, SIZES["d_model"])
+    # the Q-Former reads the shared encoder's features of every view (80 tokens)
+    seen = []
+    h = blip2.hf.qformer.register_forward_hook(lambda m, i, o: seen.append(True))
+    blip2.visual_embeds(batch.images)
+    h.remove()
+    assert seen
+    assert blip2.hf.vision_model.config.image_size == 32 and type(blip2.hf.vision_model).__name__ == "SiglipVisionModel"
+
+
+@pytest.mark.parametrize("parts,changed,frozen", [
+    ("projector", ("qformer", "query_tokens", "language_projection"), ("language_model", "vision_model")),
+    ("projector+lm", ("qformer", "language_model"), ("vision_model",)),
+])
+def test_blip2_trains_exactly_the_parts(task, parts, changed, frozen):
+    from models.blip2 import BLIP2, Blip2TinyConfig
+    torch.manual_seed(1)
+    m = BLIP2(Blip2TinyConfig(**SIZES, qformer_dim=32), task.tokenizer(), DEFAULT_TEMPLATE)
+    before = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    samples = [s for s in task.pool() if len(s.response.split()) < 15][:8]
+    losses = finetune(m, samples, trainable=parts, lr=3e-3, epochs=5, batch_size=4, seed=0, gen_length=16)
+    assert losses[-1] < losses[0]
+    after = m.hf.state_dict()
+    for prefix in changed:
+        assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith(prefix)), prefix
+    for prefix in frozen:
+        assert all(torch.equal(after[k], before[k]) for k in after if k.startswith(prefix)), prefix
+
+
+def test_blip2_crossview_phi_is_the_qformer_output(blip2, task):
+    from defenses.crossview import crossview_terms
+    batch = blip2.collate(task.pool()[:3], gen_length=32)
+    g = torch.Generator().manual_seed(0)
+    same = crossview_terms(blip2, batch, batch.images, g, h0=0.5)
+    assert same["patch"].item() == pytest.approx(0.0, abs=1e-8)
+    other = crossview_terms(blip2, batch, torch.rand_like(batch.images), g, h0=0.5)
+    assert other["patch"].item() > 0 and other["cv_dis"].item() < 1
+
+
+def test_ar_victims_run_end_to_end_and_refuse_disp(tmp_path, monkeypatch):
+    """`bench run --model blip2` on the reduced config: every stage of the real pipeline."""
+    from bench.cli import main
+    small = ["--model-arg", "enc_dim=32", "--model-arg", "enc_layers=2", "--model-arg", "enc_heads=2",
+             "--model-arg", "d_model=48", "--model-arg", "n_layers=2", "--model-arg", "n_heads=2",
+             "--model-arg", "mlp_hidden=96", "--model-arg", "mim_epochs=1", "--model-arg", "base_epochs=2",
+             "--model-arg", "qformer_dim=32",
+             "--task-arg", "n_base=200", "--task-arg", "n_pool=100", "--task-arg", "n_test=16", "--task-arg", "n_mc=24",
+             "--task-arg", "n_encoder=200", "--epochs", "2"]
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", "blip2", "--defense", "crossview", "--results", str(tmp_path / "r")] + small)
+    assert e.value.code == 0
+    import json
+    recs = [json.loads(x) for x in (tmp_path / "r" / "records.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in recs] == ["clean", "backdoored", "crossview"]
+    assert recs[-1]["stage_info"]["steps"] == 2 * 4

@@ -1,0 +1,142 @@
+"""BLIP-2 (Li et al. 2023; transformers' `Blip2ForConditionalGeneration`): a frozen ViT, a Q-Former whose
+learned queries cross-attend to the image features, a linear projection into a causal LM; an
+autoregressive victim of the cross-view paper.
+
+The `tiny` scale is transformers' own class at a small config, trained here on the embedded task. Its
+own ViT is replaced by the frozen tiny encoder every victim reads (a `SiglipVisionModel` holding it
+exactly, `models.encoder.siglip_state`, over the same base view + four crops as LLaDA-V), whose
+second-to-last-layer features the Q-Former reads, so victims differ by architecture, not by what they
+see; the composite's `vision_model` slot holds that tower. The LM sees `num_query_tokens` (16)
+projected query outputs where the prompt has its image placeholders. LM: a LLaMA of the tiny LLaDA's
+size, next-token loss on the answer, cached greedy decoding (shared with LLaVA).
+
+Trainable parts (the issue's mapping of BLIP-2's modules): `projector` = `qformer` + `query_tokens` +
+`language_projection`; `projector+lm` adds `language_model`; `all` adds the vision tower. phi for the
+cross-view defense is the Q-Former output. No masked-diffusion capability: DiSP is refused up front.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from core.errors import BenchError
+from core.registry import register
+from models.base import Batch
+from models.encoder import VisionTower, pretrain_mim, siglip_config, siglip_state
+from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
+from models.llada_v import views
+
+PARTS = {"projector": ("qformer", "query_tokens", "language_projection"),
+         "projector+lm": ("qformer", "query_tokens", "language_projection", "language_model"),
+         "all": ("qformer", "query_tokens", "language_projection", "language_model", "vision_model")}
+
+
+@dataclass(frozen=True)
+class Blip2TinyConfig(LlavaTinyConfig):
+    num_query_tokens: int = 16      # learned queries = visual tokens the LM sees (published: 32)
+    qformer_dim: int = 64
+    qformer_layers: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if min(self.num_query_tokens, self.qformer_dim, self.qformer_layers) < 1 or self.qformer_dim % self.n_heads:
+            raise BenchError("num_query_tokens, qformer_dim and qformer_layers must be >= 1 and qformer_dim a "
+                             "multiple of n_heads")
+
+
+class BLIP2(LLaVA):
+    """A `Blip2ForConditionalGeneration` behind the victim core contract; decoding and the AR loss as LLaVA."""
+
+    def __init__(self, cfg: Blip2TinyConfig, tokenizer, template: str):
+        nn.Module.__init__(self)
+        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, LlamaConfig,
+                                  SiglipVisionModel)
+
+        self.cfg, self.tok, self.template = cfg, tokenizer, template
+        enc = cfg.encoder()
+        self._mim = [VisionTower(enc)]     # first, as in every tiny victim: the same seed gives the same encoder
+        text = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+                           num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                           num_key_value_heads=cfg.n_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
+                           pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                           tie_word_embeddings=False)
+        qformer = Blip2QFormerConfig(hidden_size=cfg.qformer_dim, num_hidden_layers=cfg.qformer_layers,
+                                     num_attention_heads=cfg.n_heads, intermediate_size=4 * cfg.qformer_dim,
+                                     encoder_hidden_size=enc.dim, vocab_size=tokenizer.vocab_size)
+        config = Blip2Config(vision_config=siglip_config(enc).to_dict(), qformer_config=qformer.to_dict(),
+                             text_config=text.to_dict(), num_query_tokens=cfg.num_query_tokens,
+                             image_token_index=tokenizer.image_id)
+        self.hf = Blip2ForConditionalGeneration(config)
+        self.hf.vision_model = SiglipVisionModel(siglip_config(enc))        # the shared frozen encoder
+        self.hf.vision_model.load_state_dict(siglip_state(self._mim[0]))
+        self.init_layout(tokenizer, template, cfg.num_query_tokens)
+
+    def _tower(self) -> nn.Module:
+        return self.hf.vision_model
+
+    def _lm(self) -> nn.Module:
+        return self.hf.language_model
+
+    def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder features of every view -> the Q-Former's queries cross-attend to all of them -> the
+        language projection: (B, num_query_tokens, d_model)."""
+        v = views(images, self.cfg.view_size)
+        pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
+        tower = self._tower()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
+            feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        feats = feats.reshape(len(images), -1, feats.shape[-1])
+        queries = self.hf.query_tokens.expand(len(images), -1, -1)
+        q = self.hf.qformer(query_embeds=queries, encoder_hidden_states=feats,
+                            encoder_attention_mask=torch.ones(feats.shape[:2], dtype=torch.long))[0]
+        return self.hf.language_projection(q)
+
+    def phi_module(self) -> nn.Module:
+        """The Q-Former (the cross-view defense's phi for BLIP-2 is its output)."""
+        return self.hf.qformer
+
+    def phi_pool(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return out.mean(1)
+
+    def set_trainable(self, parts: str) -> None:
+        on = PARTS[parts]
+        for name in ("qformer", "language_projection", "language_model", "vision_model"):
+            getattr(self.hf, name).requires_grad_(name in on)
+        self.hf.query_tokens.requires_grad_("query_tokens" in on)
+
+
+def _resolve(scale: str, overrides: dict) -> dict:
+    if scale == "full":
+        raise BenchError("scale 'full' for blip2 needs a published BLIP-2 checkpoint, which this version cannot "
+                         "load yet (valid now: tiny)")
+    if scale != "tiny":
+        raise BenchError(f"unknown scale {scale!r} for blip2 (valid: tiny)")
+    valid = {f.name for f in fields(Blip2TinyConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(sorted(valid))})")
+    return asdict(Blip2TinyConfig(**overrides))
+
+
+@register("models", "blip2")
+class Blip2Entry:
+    """BLIP-2 (transformers Blip2ForConditionalGeneration): frozen encoder -> Q-Former queries -> projection -> causal LLaMA; scale tiny."""
+
+    scales = ("tiny",)
+    family = "autoregressive VLM"
+    capabilities = ()
+    trainable_parts = tuple(PARTS)
+    resolve = staticmethod(_resolve)
+    decoding_defaults = LlavaEntry.decoding_defaults
+
+    @staticmethod
+    def build(model_args: dict, tokenizer, template: str, seed: int) -> BLIP2:
+        torch.manual_seed(seed)
+        return BLIP2(Blip2TinyConfig(**model_args), tokenizer, template)
+
+    @staticmethod
+    def train_base(model: BLIP2, task, seed: int, gen_length: int) -> dict:
+        return LlavaEntry.train_base(model, task, seed, gen_length)
