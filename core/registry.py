@@ -29,6 +29,7 @@ BUILTIN_MODULES = (
     "models.lavida",
     "models.llava",
     "models.blip2",
+    "models.flamingo",
     "defenses.none",
     "defenses.disp",
     "defenses.random_drop",
