@@ -193,6 +193,31 @@ def sweep(param, values_, out, results, cache, **cell) -> None:
     click.echo(f"\nwrote {out_dir / (stem + '.png')} and .csv")
 
 
+@cli.command()
+@click.argument("grid_file", type=click.Path(dir_okay=False))
+@click.option("--workers", default=2, show_default=True, type=int, help="worker processes")
+@click.option("--threads", default=1, show_default=True, type=int, help="torch threads per worker")
+@click.option("--seeds", default=None, help="comma-separated seeds  [default: the grid file's]")
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--cache", default=None, type=click.Path(file_okay=False), help="artifact cache (default $BENCH_CACHE or the user cache dir)")
+def grid(grid_file, workers, threads, seeds, results, cache) -> None:
+    """Run every missing cell of a grid file (leaderboards/*.yaml), scheduling by stage on a worker pool."""
+    from bench.grid import load_grid, run_grid
+
+    if workers < 1 or threads < 1:
+        raise BenchError("--workers and --threads must be >= 1")
+    g = load_grid(grid_file)
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip()) if seeds else None
+    except ValueError:
+        raise BenchError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    specs = g.specs(seed_list)
+    out = run_grid(specs, Path(results), Path(cache) if cache else None, workers=workers, threads=threads,
+                   log=lambda m: click.echo(m, err=True))
+    click.echo(f"{g.name}: {out['recorded']} cells recorded, {out['skipped']} already there, "
+               f"{out['stages']} stages computed -> {Path(results) / 'records.jsonl'}")
+
+
 @cli.command(name="list")
 @click.option("--args", "args_of", default=None, metavar="NAME",
               help="show NAME's --*-arg keys with their defaults (an attack, target, defense, model or task)")

@@ -433,8 +433,9 @@ class Cell:
 
 
 def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = None,
-             log: Callable[[str], None] = print) -> list[dict]:
-    """Run (or resume) every stage of a cell and append its records (one per row, one locked write)."""
+             log: Callable[[str], None] = print, once: bool = False) -> list[dict]:
+    """Run (or resume) every stage of a cell and append its records (one per row, one locked write);
+    with `once`, not if results_dir already holds this cell (then [] is returned)."""
     results_dir = Path(results_dir)
     cell = Cell(spec, cache or ArtifactCache(), log)      # pre-flight: bad input stops here, nothing written
     records.check_writable(results_dir)
@@ -469,5 +470,6 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
                     "timings": dict(cell.timings),
                     "versions": producer.get("versions"), "code_revision": producer.get("code_revision"),
                     "recorded_by": provenance()})
-    records.append_many(results_dir, out)
+    if not records.append_many(results_dir, out, once=once):
+        return []
     return out

@@ -75,13 +75,22 @@ def append(results_dir: Path, record: dict) -> None:
     append_many(results_dir, [record])
 
 
-def append_many(results_dir: Path, recs: Sequence[dict]) -> None:
-    """Append the records of one run (its rows) in one locked write: all of them or none."""
+def spec_key(spec: dict) -> str:
+    """A record's spec as canonical JSON: two records of the same cell have the same key."""
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def append_many(results_dir: Path, recs: Sequence[dict], once: bool = False) -> bool:
+    """Append the records of one run (its rows) in one locked write: all of them or none. With `once`,
+    nothing is written if the file already holds a record of the same cell (checked under the lock,
+    so two grids sharing a results dir record each cell once). Returns whether it wrote."""
     results_dir = Path(results_dir)
     line = b"".join(_dumps(r) for r in recs)  # serialize first: a bad record raises before anything is written
     results_dir.mkdir(parents=True, exist_ok=True)
     path = records_path(results_dir)
     with FileLock(str(path) + ".lock"):
+        if once and recs and spec_key(recs[0]["spec"]) in {spec_key(r.get("spec")) for r in _read_jsonl(path)}:
+            return False
         created = not path.exists()
         # O_RDWR (not O_WRONLY) so we can peek at the last byte; O_APPEND makes the write go to the end.
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -99,6 +108,7 @@ def append_many(results_dir: Path, recs: Sequence[dict]) -> None:
             os.close(fd)
         if created:
             _fsync_dir(results_dir)
+    return True
 
 
 def _read_jsonl(path: Path) -> list[dict]:
