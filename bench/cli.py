@@ -303,15 +303,23 @@ def _list_args(name: str) -> None:
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="where the tables go  [default: RESULTS/leaderboards]")
-def leaderboard(results, out) -> None:
+@click.option("--grid", "grids", multiple=True, type=click.Path(dir_okay=False),
+              help="also render this grid file's table (Markdown, CSV, LaTeX; mean ± 95%% interval across seeds); repeatable")
+def leaderboard(results, out, grids) -> None:
     """Re-render every table (Markdown + CSV) from the records alone."""
     from bench import records, tables
+    from bench.grid import load_grid
 
+    loaded = [load_grid(g) for g in grids]          # a bad grid file fails before anything is written
     recs = records.load(Path(results))
     if not recs:
         raise BenchError(f"no records in {Path(results) / 'records.jsonl'}")
-    for p in tables.render_leaderboard(recs, Path(out) if out else Path(results) / "leaderboards"):
+    out_dir = Path(out) if out else Path(results) / "leaderboards"
+    for p in tables.render_leaderboard(recs, out_dir):
         click.echo(str(p))
+    for g in loaded:
+        for p in tables.render_grid(g, recs, out_dir):
+            click.echo(str(p))
 
 
 @cli.command()

@@ -574,3 +574,87 @@ def plot_sweep(df: pd.DataFrame, param: str, path: Path, title: str = "") -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
     return path
+
+
+# ----------------------------------------------------------------------------------- grid tables
+
+def seed_mean(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean across seeds and the half-width of its 95% t-interval (None for one seed)."""
+    import math
+
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+
+
+def grid_table(grid, records: Sequence[Mapping]) -> tuple[pd.DataFrame, list[Mapping]]:
+    """One table for a grid file: rows = (the grid's varying settings other than target and defense,
+    then the row: Clean, Backdoored, each defense), columns = target x (CP, ASR w/o, ASR w/t); each value
+    the mean over seeds with a 95% t-interval. A cell with no record shows as missing, never as zero.
+    Returns the table and the records it used."""
+    cells = [dict(c) for c in grid.cells]
+    varying = sorted({k for c in cells for k in c if k not in ("target", "defense")
+                      and len({_canon(x.get(k)) for x in cells}) > 1})
+    used, values = [], defaultdict(lambda: defaultdict(dict))     # (index) -> (target, metric) -> seed -> value
+    for r in records:
+        s = _spec(r)
+        for c in cells:
+            if all(_same(s.get(k), v) if not isinstance(v, Mapping) else
+                   all(_same((s.get(k) or {}).get(kk), vv) for kk, vv in v.items()) for k, v in c.items()):
+                used.append(r)
+                idx = tuple(str(s.get(k)) for k in varying) + (r["row"],)
+                for m, _ in TABLE1_METRICS:
+                    mv = ((r.get("metrics") or {}).get(m) or {}).get("value")
+                    if mv is not None:
+                        values[idx][(str(s.get("target")), m)][s.get("seed")] = float(mv)
+                break
+    targets = sorted({str(c.get("target", "insertion")) for c in cells}, key=_target_sort_key)
+    rows = []
+    for c in cells:
+        base = tuple(str(c.get(k)) for k in varying)
+        for row in ("clean", "backdoored", str(c.get("defense", "disp"))):
+            if row != "none" and base + (row,) not in rows:
+                rows.append(base + (row,))
+    rows.sort(key=lambda ix: (ix[:-1], _row_sort_key(ix[-1])))
+    table = []
+    for ix in rows:
+        line = []
+        for t in targets:
+            for m, _ in TABLE1_METRICS:
+                seeds = values.get(ix, {}).get((t, m), {})
+                if not seeds:
+                    line.append(MISSING)
+                    continue
+                mean, half = seed_mean([seeds[k] for k in sorted(seeds)])
+                line.append(f"{mean:.2f}" + (f" ± {half:.2f}" if half is not None else ""))
+        table.append(line)
+    index = pd.MultiIndex.from_tuples([ix[:-1] + (DISPLAY.get(ix[-1], ix[-1]),) for ix in rows],
+                                      names=varying + ["row"]) if varying else \
+        pd.Index([DISPLAY.get(ix[-1], ix[-1]) for ix in rows], name="row")
+    columns = pd.MultiIndex.from_tuples([(t, name) for t in targets for _, name in TABLE1_METRICS])
+    return pd.DataFrame(table, index=index, columns=columns), used
+
+
+def render_grid(grid, records: Sequence[Mapping], out_dir: Path) -> list[Path]:
+    """`{name}.md` (with a one-line provenance header), `.csv` and `.tex` for one grid file."""
+    df, used = grid_table(grid, records)
+    seeds = sorted({_spec(r).get("seed") for r in used})
+    revisions = sorted({str(r.get("code_revision"))[:10] for r in used if r.get("code_revision")})
+    head = (f"{len(used)} records · seeds {', '.join(map(str, seeds)) or 'none'} · code revision(s) "
+            f"{', '.join(revisions) or '-'} · mean ± 95% t-interval across seeds · '{MISSING}' = not computed")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flat = _flat_columns(df).reset_index()
+    md = [f"# {grid.name}: {grid.title}", "", head, "",
+          flat.to_markdown(index=False, tablefmt="github", disable_numparse=True), ""]
+    paths = [out_dir / f"{grid.name}.md", out_dir / f"{grid.name}.csv", out_dir / f"{grid.name}.tex"]
+    paths[0].write_text("\n".join(md), encoding="utf-8")
+    flat.to_csv(paths[1], index=False, lineterminator="\n", encoding="utf-8")
+    paths[2].write_text(f"% {head}\n" + tabulate(flat.values.tolist(), headers=list(flat.columns),
+                                                   tablefmt="latex_booktabs", disable_numparse=True) + "\n", encoding="utf-8")
+    return paths

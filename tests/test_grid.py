@@ -133,3 +133,29 @@ def test_committed_grid_files_are_valid(name):
     g = load_grid(ROOT / "leaderboards" / f"{name}.yaml")
     specs = g.specs()                         # every cell resolves: names, args, capabilities at run time
     assert specs and g.name == name
+
+
+def test_grid_table_means_over_seeds_and_marks_missing_cells(tmp_path):
+    from bench.grid import Grid
+    g = Grid(name="t", title="test", cells=({"defense": "disp", "target": "insertion"},
+                                           {"defense": "pruning", "target": "insertion"},
+                                           {"defense": "disp", "target": "refusal"}))
+
+    def rec(row, defense, target, seed, cp, wt):
+        return {"row": row, "spec": {"model": "llada-v", "attack": "badnets", "defense": defense, "target": target,
+                                     "seed": seed}, "code_revision": "abcdef1234567",
+                "metrics": {"cp": {"value": cp}, "asr_wo": {"value": 0.0}, "asr_wt": {"value": wt}}}
+    recs = [rec("backdoored", "disp", "insertion", 0, 60.0, 100.0), rec("backdoored", "disp", "insertion", 1, 64.0, 90.0),
+            rec("disp", "disp", "insertion", 0, 58.0, 0.0), rec("disp", "disp", "insertion", 1, 62.0, 10.0),
+            rec("clean", "disp", "insertion", 0, 65.0, 0.0)]
+    df, used = tables.grid_table(g, recs)
+    assert len(used) == 5
+    flat = tables._flat_columns(df)
+    assert flat.loc["Backdoored", "insertion CP"] == "62.00 ± 25.41"             # mean 62, t(0.975, 1) * 2.83 / 1.41
+    assert flat.loc["Clean", "insertion CP"] == "65.00"                          # one seed: no interval
+    assert flat.loc["Pruning", "insertion CP"] == "-" and flat.loc["DiSP", "refusal ASR (w/t)"] == "-"
+    paths = tables.render_grid(g, recs, tmp_path)
+    assert [p.suffix for p in paths] == [".md", ".csv", ".tex"]
+    head = paths[0].read_text().splitlines()[2]
+    assert head.startswith("5 records · seeds 0, 1 · code revision(s) abcdef1234")
+    assert "\\toprule" in paths[2].read_text()
