@@ -43,10 +43,10 @@ def files_under(p: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--model", "nope"], "unknown model 'nope' (valid: llada-v"),
+    (["--model", "nope"], "unknown model 'nope' (valid: blip2, lavida, llada-v, llava, openflamingo, otter)"),
     (["--attack", "nope"], "unknown attack 'nope' (valid: badnets"),
     (["--target", "nope"], "unknown target 'nope' (valid: insertion, keyword, misclassification, refusal"),
-    (["--defense", "nope"], "unknown defense 'nope' (valid: disp, disp-nomask, disp-random, none"),
+    (["--defense", "nope"], "unknown defense 'nope' (valid: bye, crossview, disp, disp-nomask, disp-random, entropy-filter"),
     (["--poison-rate", "1.5"], "poison rate must be in (0, 1)"),
     (["--poison-rate", "0"], "poison rate must be in (0, 1)"),
     (["--poison-rate", "abc"], "'abc' is not a valid float"),
