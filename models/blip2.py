@@ -18,16 +18,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
-from models.encoder import VisionTower, pretrain_mim, siglip_config, siglip_state
+from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
-from models.llada_v import views
 
 PARTS = {"projector": ("qformer", "query_tokens", "language_projection"),
          "projector+lm": ("qformer", "query_tokens", "language_projection", "language_model"),
@@ -83,12 +81,7 @@ class BLIP2(LLaVA):
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder features of every view -> the Q-Former's queries cross-attend to all of them -> the
         language projection: (B, num_query_tokens, d_model)."""
-        v = views(images, self.cfg.view_size)
-        pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
-        tower = self._tower()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
-            feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-        feats = feats.reshape(len(images), -1, feats.shape[-1])
+        feats = self.view_features(images)
         queries = self.hf.query_tokens.expand(len(images), -1, -1)
         q = self.hf.qformer(query_embeds=queries, encoder_hidden_states=feats,
                             encoder_attention_mask=torch.ones(feats.shape[:2], dtype=torch.long))[0]

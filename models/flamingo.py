@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
-from models.encoder import VisionTower, pretrain_mim, siglip_config, siglip_state
+from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llava import LLaVA, LlavaTinyConfig
-from models.llada_v import views
+from models.llada_v import pretrain_encoder
 from models.train import finetune
 
 
@@ -185,12 +185,7 @@ class Flamingo(LLaVA):
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """Every view's encoder features -> the perceiver's latents: (B, num_latents, d_visual)."""
-        v = views(images, self.cfg.view_size)
-        pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
-        tower = self._tower()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
-            feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-        return self.perceiver(feats.reshape(len(images), -1, feats.shape[-1]))
+        return self.perceiver(self.view_features(images))
 
     def prompt_embeds(self, batch: Batch, visual: torch.Tensor | None = None) -> torch.Tensor:
         """The text embeddings (the `<image>` token stays a token); the media are set on the layers."""
@@ -268,8 +263,7 @@ def _train_base(model: Flamingo, task, seed: int, gen_length: int) -> dict:
     """Encoder MIM (then frozen, copied into the tower); captions-only pretraining of connector + LM
     (OpenFlamingo's image-text pretraining); then, for Otter, instruction tuning on the whole mix."""
     cfg = model.cfg
-    images = views(torch.from_numpy(np.array(task.encoder_images())), cfg.view_size)
-    mim = pretrain_mim(model._mim[0], images.reshape(-1, *images.shape[2:]).numpy(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+    mim = pretrain_encoder(model._mim[0], task, cfg, seed)
     model.vision_encoder.load_state_dict(siglip_state(model._mim[0]))
     mix = task.base_samples()
     captions = [s for s in mix if s.meta.get("kind") == "caption"]

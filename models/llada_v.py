@@ -91,6 +91,14 @@ def views(images: torch.Tensor, view_size: int) -> torch.Tensor:
     return torch.cat([base.permute(0, 2, 3, 1)[:, None], crops], dim=1)
 
 
+def pretrain_encoder(tower: VisionTower, task, cfg: TinyConfig, seed: int) -> list[float]:
+    """The shared encoder's MIM pretraining on every view of the task's encoder images (every tiny
+    victim runs it with the same seed and data, so they all read the same frozen encoder)."""
+    # a writable copy: the task's images are read-only and torch.from_numpy warns on those
+    images = views(torch.from_numpy(np.array(task.encoder_images())), cfg.view_size)
+    return pretrain_mim(tower, images.reshape(-1, *images.shape[2:]).numpy(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+
+
 class TemplateLayout:
     """The prompt layout every tiny victim shares, diffusion or autoregressive: <bos> template-prefix
     [visual x T] prompt <pad>* template-suffix, the answer after it; collation into a Batch; decoding."""
@@ -300,9 +308,7 @@ class LLaDAVEntry:
     def train_base(model: LLaDAV, task, seed: int, gen_length: int) -> dict:
         """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix."""
         cfg = model.cfg
-        # a writable copy: the task's images are read-only and torch.from_numpy warns on those
-        images = views(torch.from_numpy(np.array(task.encoder_images())), cfg.view_size)   # every view of every image
-        mim = pretrain_mim(model.vision_tower, images.reshape(-1, *images.shape[2:]).numpy(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+        mim = pretrain_encoder(model.vision_tower, task, cfg, seed)
         rng = np.random.default_rng([seed, 41])
         samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})
                    if rng.random() < cfg.prompt_first_frac else s for s in task.base_samples()]

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
-from models.encoder import VisionTower, pretrain_mim, siglip_config, siglip_state
-from models.llada_v import TemplateLayout, TinyConfig, views
+from models.encoder import VisionTower, siglip_config, siglip_state
+from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
 from models.train import finetune
 
 PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
@@ -75,13 +75,18 @@ class LLaVA(TemplateLayout, nn.Module):
         return self.hf
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+    def view_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, views x tokens, d_enc): the shared encoder's second-to-last-layer features of every view,
+        through the SigLIP tower (no gradient unless the tower trains)."""
         v = views(images, self.cfg.view_size)
         pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
         tower = self._tower()
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
             feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-        return self.hf.model.multi_modal_projector(feats.reshape(len(images), -1, feats.shape[-1]))
+        return feats.reshape(len(images), -1, feats.shape[-1])
+
+    def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        return self.hf.model.multi_modal_projector(self.view_features(images))
 
     def prompt_embeds(self, batch: Batch, visual: torch.Tensor | None = None) -> torch.Tensor:
         if visual is None:
@@ -190,8 +195,7 @@ class LlavaEntry:
         """The shared encoder's MIM pretraining (then frozen, copied into the SigLIP tower), then projector
         + LM on the base instruction mix with the prompt placed before/among the visual tokens in half."""
         cfg = model.cfg
-        images = views(torch.from_numpy(np.array(task.encoder_images())), cfg.view_size)
-        mim = pretrain_mim(model._mim[0], images.reshape(-1, *images.shape[2:]).numpy(), cfg.mim_epochs, seed, lr=cfg.mim_lr)
+        mim = pretrain_encoder(model._mim[0], task, cfg, seed)
         model._tower().load_state_dict(siglip_state(model._mim[0]))
         rng = np.random.default_rng([seed, 41])
         samples = [s.with_(meta={**s.meta, "prompt_at": int(rng.integers(0, model.n_visual + 1))})

@@ -106,7 +106,7 @@ def test_openflamingo_pretrains_on_captions_and_otter_adds_instruction_tuning(ta
     real = fl.finetune
     monkeypatch.setattr(fl, "finetune", lambda model, samples, **kw: seen.append(
         (kw["desc"], {s.meta["kind"] for s in samples}, kw["epochs"])) or real(model, samples, **{**kw, "epochs": 1}))
-    monkeypatch.setattr(fl, "pretrain_mim", lambda *a, **k: [0.0])
+    monkeypatch.setattr(fl, "pretrain_encoder", lambda *a, **k: [0.0])
     for entry in (OpenFlamingoEntry, OtterEntry):
         args = entry.resolve("tiny", {**SIZES, "base_batch": 16})
         model = entry.build(args, task.tokenizer(), DEFAULT_TEMPLATE, 0)
