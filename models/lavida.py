@@ -68,7 +68,7 @@ def pool_views(tokens: torch.Tensor, n_views: int, pool_side: int) -> torch.Tens
 def shifted_transfer_counts(n_masked: torch.Tensor, steps: int, shift: float) -> torch.Tensor:
     """Tokens committed at each of `steps` steps: time runs 1 -> 0 evenly and the masked share after
     time t is sigma(t) = s t / (1 + (s - 1) t) (LaViDa's shift schedule); counts sum to n_masked."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=n_masked.device)
     sigma = shift * t / (1 + (shift - 1) * t)
     remaining = torch.round(n_masked[:, None].double() * sigma[None, :]).long()     # (B, steps + 1)
     return (remaining[:, :-1] - remaining[:, 1:]).clamp_min(0)
@@ -83,7 +83,7 @@ def complementary_loss(logits_fn, response: torch.Tensor, mask_id: int, generato
     t = torch.rand(B, generator=generator)
     p = (1 - eps) * t + eps
     m = torch.rand(B, G, generator=generator) < p[:, None]
-    masked = torch.cat([m, ~m])
+    masked = torch.cat([m, ~m]).to(response.device)
     target = torch.cat([response, response])
     noisy = torch.where(masked, torch.full_like(target, mask_id), target)
     logits = logits_fn(noisy)
@@ -117,7 +117,7 @@ class LaViDa(LLaDAV):
         """Answer logits from the prompt cache: the answer attends prompt + answer, at positions after the
         prompt's real tokens."""
         G = answer_ids.shape[1]
-        pos = key_mask.long().sum(-1, keepdim=True) + torch.arange(G)[None, :]
+        pos = key_mask.long().sum(-1, keepdim=True) + torch.arange(G, device=key_mask.device)[None, :]
         keys = torch.cat([key_mask, torch.ones_like(answer_ids, dtype=torch.bool)], dim=1)
         return self.lm(self.lm.embed_tokens(answer_ids), keys, attn_mask=keys[:, None, None, :], pos=pos, past=cache)
 

@@ -223,8 +223,8 @@ class LLaDAV(TemplateLayout, nn.Module):
         for mod, xn, pos in seen:
             B, L, d = xn.shape
             H = mod.n_heads
-            q = rope(mod.q_proj(xn[:, qi:qi + 1]).view(B, 1, H, d // H).transpose(1, 2), pos[:, qi:qi + 1], mod.theta)
-            k = rope(mod.k_proj(xn).view(B, L, H, d // H).transpose(1, 2), pos, mod.theta)
+            q = rope(mod.q_proj(xn[:, qi:qi + 1]).view(B, 1, H, d // H).transpose(1, 2), pos[:, qi:qi + 1], mod.theta, mod.rope_style)
+            k = rope(mod.k_proj(xn).view(B, L, H, d // H).transpose(1, 2), pos, mod.theta, mod.rope_style)
             s = (q @ k.transpose(-1, -2))[:, :, 0] / (d // H) ** 0.5
             a = torch.softmax(s.masked_fill(~keys[:, None, :], float("-inf")), -1)
             img = a.gather(-1, batch.vis_pos[:, None, :].expand(-1, H, -1)).mean(1)
