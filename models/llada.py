@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class LLaDA(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.checkpointing = False   # recompute each block in backward (full-scale training memory); off by default
         self.apply(self._init)
 
     @staticmethod
@@ -139,7 +141,11 @@ class LLaDA(nn.Module):
             attn_mask = key_mask[:, None, None, :]
         x = embeds
         for i, blk in enumerate(self.layers):
-            x = blk(x, pos, attn_mask, None if past is None else past[i], keep)
+            if self.checkpointing and torch.is_grad_enabled() and keep is None:
+                x = torch.utils.checkpoint.checkpoint(blk, x, pos, attn_mask, None if past is None else past[i],
+                                                      use_reentrant=False)
+            else:
+                x = blk(x, pos, attn_mask, None if past is None else past[i], keep)
         return self.lm_head(self.norm(x[:, head_from:] if head_from else x))
 
 

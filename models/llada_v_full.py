@@ -226,10 +226,13 @@ class FullLLaDAV(LLaDAV):
         self.lm = LLaDA(LMConfig(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_hidden,
                                  cfg.rope_theta, cfg.norm_eps, rope_style="half"))
         self.n_visual = visual_token_count(cfg.image_size, cfg.image_size, cfg)
-        self.mask_id = tokenizer.mask_id if tokenizer else LLADA_SPECIALS["mask"][1]
-        ids = ({r: getattr(tokenizer, f"{r}_id") for r in ("eos", "bos", "start_header", "end_header")} if tokenizer
-               else {r: LLADA_SPECIALS[r][1] for r in ("eos", "bos", "start_header", "end_header")})
-        self.suppress = tuple(ids.values())   # never committed at a masked answer position (LLaDA-V generate)
+        if tokenizer is not None:
+            ids = {r: getattr(tokenizer, f"{r}_id") for r in LLADA_SPECIALS}
+        else:   # no tokenizer (random benchmarks): the published ids, or the synthetic ones for a tiny vocabulary
+            ids = {r: (pub if cfg.vocab_size > 126348 else SYNTH_SPECIALS[text]) for r, (text, pub, _) in LLADA_SPECIALS.items()}
+        self.mask_id = ids["mask"]
+        # never committed at a masked answer position (LLaDA-V's generate)
+        self.suppress = tuple(ids[r] for r in ("eos", "bos", "start_header", "end_header"))
         if tokenizer is not None:
             pre, rest = TEMPLATE.split("<image>")
             self._mid, post = rest.split("{prompt}")
