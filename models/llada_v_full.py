@@ -508,7 +508,7 @@ def published_config(cfg: FullConfig, family: str = "llada-v") -> dict:
 def write_synthetic_checkpoint(path, cfg: FullConfig | None = None, *, cls=None, family: str = "llada-v",
                                seed: int = 0, words: Sequence[str] = (), shards: int = 3) -> nn.Module:
     """Write a random model of geometry ``cfg`` (default ``tiny_config()``) in the published layout:
-    ``shards`` safetensors shards + ``model.safetensors.index.json`` + ``config.json`` + a word-level
+    about ``shards`` safetensors shards (split by size) + ``model.safetensors.index.json`` + ``config.json`` + a word-level
     ``tokenizer.json`` over ``words`` (plus the template's words and LLaDA's special tokens at ids 0-5).
     Returns the module it was written from (same logits as the loaded checkpoint). Public: tests and
     tiny-random full-scale cells (the synthetic task's vocabulary as ``words``) use it."""
