@@ -149,10 +149,11 @@ class LaViDa(LLaDAV):
 
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        raise BenchError("scale 'full' for lavida needs the published LaViDa checkpoint, which this version cannot "
-                         "load yet (valid now: tiny, the embedded replica)")
+        from models.lavida_full import FullLaViDa, lavida_config
+        from models.llada_v_full import resolve_full
+        return resolve_full(FullLaViDa, "lavida", overrides, lavida_config())
     if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for lavida (valid: tiny)")
+        raise BenchError(f"unknown scale {scale!r} for lavida (valid: tiny, full)")
     valid = {f.name for f in fields(LaViDaConfig)}
     unknown = set(overrides) - valid
     if unknown:
@@ -162,13 +163,15 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "lavida")
 class LaViDaEntry:
-    """LaViDa (LLaDA backbone): LLaDA-V's vision side, 2-D pooled views, complementary masking, Prefix-DLM; scale tiny."""
+    """LaViDa (LLaDA backbone): LLaDA-V's vision side, 2-D pooled views, complementary masking, Prefix-DLM; scale
+    tiny (replica) or full (the published checkpoint, --weights; models/lavida_full.py)."""
 
-    scales = ("tiny",)
+    scales = ("tiny", "full")
     family = "masked-diffusion VLM"
     capabilities = (MASKED_DIFFUSION, IMAGE_ATTENTION)
     trainable_parts = tuple(PARTS)
     resolve = staticmethod(_resolve)
+    text_tokenizer = staticmethod(LLaDAVEntry.text_tokenizer)
     # The DiSP paper's LaViDa setting (§4.1, App.): one 32-token block at step_ratio 0.5; centre trigger;
     # DiSP mask ratio 0.5; 40% poison for misclassification. Applied by make_spec where not given.
     decoding_defaults = {"gen_length": 32, "block_length": 32, "steps": 16}
@@ -177,7 +180,19 @@ class LaViDaEntry:
 
     @staticmethod
     def build(model_args: dict, tokenizer, template: str, seed: int) -> LaViDa:
+        """Tiny: a fresh replica. Full: the published checkpoint, strictly loaded (models/lavida_full.py)."""
+        if "weights" in model_args:
+            from models.lavida_full import FullLaViDa
+            from models.llada_v_full import build_full
+            return build_full(FullLaViDa, model_args)
         torch.manual_seed(seed)
         return LaViDa(LaViDaConfig(**model_args), tokenizer, template)
+
+    @staticmethod
+    def check_weights(path):
+        """Headers + config only: what --scale full --weights PATH would load (a WeightsReport)."""
+        from models.lavida_full import FullLaViDa, lavida_config
+        from models.llada_v_full import check_weights
+        return check_weights(FullLaViDa, path, lavida_config())
 
     train_base = staticmethod(LLaDAVEntry.train_base)

@@ -327,15 +327,14 @@ class FullLLaDAV(LLaDAV):
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) in [0, 1] -> (B, n_visual, d): anyres views -> SigLIP (frozen unless trained) ->
         projector -> (LaViDa: per-view pooling) -> merged with newlines."""
-        out = []
+        views, grids = zip(*(anyres_views(img.cpu(), self.cfg) for img in images))
+        n = len(views[0])                     # same-size images: the same grid, so one tower pass for all
         train_tower = any(p.requires_grad for p in self.vision_tower.parameters())
-        for img in images:
-            views, grid = anyres_views(img.cpu(), self.cfg)
-            with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
-                f = self.tower_features(views)
-            f = self.pool(self.mm_projector(f))
-            out.append(self.merge(f, grid, img.shape[0], img.shape[1]))
-        return torch.stack(out)
+        with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
+            f = self.tower_features(torch.cat(views))
+        f = self.pool(self.mm_projector(f))
+        H, W = images.shape[1], images.shape[2]
+        return torch.stack([self.merge(f[i * n:(i + 1) * n], grids[i], H, W) for i in range(len(images))])
 
     # ---- the LM side (the tiny replica's, placed on the model's device) ------------------------------
     def mask_embedding(self) -> torch.Tensor:
@@ -527,3 +526,50 @@ def write_synthetic_checkpoint(path, cfg: FullConfig | None = None, *, cls=None,
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     ckpt.write_checkpoint(path, tensors, published_config(cfg, family), shard_bytes=max(1, total // shards + 1))
     return model
+
+
+# ---- the registry entries' full-scale side (models.llada_v / models.lavida dispatch here) ----------------
+RUN_ARGS = ("weights", "checkpoint", "dtype", "device", "image_size", "max_prompt", "pool_side", "shift", "prefix_dlm")
+
+
+def resolve_full(cls, name: str, overrides: dict, base: FullConfig | None = None) -> dict:
+    """model_args of a full-scale cell: the weights directory (required), its geometry read from the
+    headers, its hash, and the resolved dtype and device, so every record pins all four. Geometry
+    cannot be overridden (the checkpoint decides it)."""
+    valid = set(RUN_ARGS)
+    unknown = set(overrides) - valid
+    if unknown:
+        fixed = sorted(unknown & {f.name for f in fields(FullConfig)})
+        raise BenchError(f"model arg(s) {fixed} are read from the checkpoint" if fixed and fixed == sorted(unknown)
+                         else f"unknown model arg(s) {sorted(unknown)} for {name} at scale full (valid: {', '.join(RUN_ARGS)})")
+    weights = overrides.get("weights")
+    if not weights:
+        raise BenchError(f"scale 'full' for {name} needs --weights PATH, the published checkpoint directory "
+                         f"(docs/full-scale.md; check it with: bench check-weights --model {name} PATH)")
+    path = Path(str(weights)).expanduser().resolve()
+    if not path.is_dir():
+        raise BenchError(f"--weights {weights}: not a directory")
+    device, dtype = resolve_device(str(overrides.get("device", "auto")), str(overrides.get("dtype", "auto")))
+    digest = ckpt.checkpoint_hash(path)
+    if overrides.get("checkpoint") and overrides["checkpoint"] != digest:
+        raise BenchError(f"the checkpoint at {path} has hash {digest[:12]}, the spec asks for {str(overrides['checkpoint'])[:12]}")
+    given = {k: v for k, v in overrides.items() if k in RUN_ARGS}
+    cfg = replace(base or FullConfig(), **{**given, **geometry(path, cls.key_map), "weights": str(path),
+                                           "checkpoint": digest, "device": device, "dtype": dtype})
+    return asdict(cfg)
+
+
+def build_full(cls, model_args: dict) -> nn.Module:
+    """The full-scale model of a cell (strictly loaded; its WeightsReport as ``weights_report``)."""
+    model, report = load_model(cls, FullConfig(**model_args))
+    model.weights_report = report
+    return model
+
+
+def base_info(model) -> dict:
+    """The base stage at full scale trains nothing: the published checkpoint is the base model."""
+    return {"trained": "nothing: the published checkpoint is the base model", **model.weights_report.to_dict()}
+
+
+def text_tokenizer(model_args: dict) -> CheckpointTokenizer:
+    return CheckpointTokenizer(model_args["weights"], ckpt.read_config(model_args["weights"]))

@@ -258,3 +258,75 @@ def test_full_scale_gpu_script_tiny(tmp_path):
             assert entry[p]["peak_gib"] >= 0
     assert lav["d_train_step"]["trainable_params"] == lav["build"]["projector_params"]
     assert lav["prefix_cache_speedup"] > 0
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+def bench(args: list[str], capsys) -> tuple[int, str, str]:
+    from bench.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_check_weights_reports_what_a_run_would_load(written, family, capsys):
+    fam, cls, d, m0 = written
+    if fam != family:
+        pytest.skip("one family per fixture instance")
+    rc, out, err = bench(["check-weights", "--model", family, str(d)], capsys)
+    assert rc == 0 and err == ""
+    assert f"tensors: {len(m0.state_dict())}" in out and "F32 x" in out and "status: OK" in out
+    assert "mm_projector.0 (2)" in out and "vision_tower.encoder" in out and "lm.layers" in out
+
+
+def test_check_weights_exits_2_naming_a_renamed_key(llada_v_dir, tmp_path, capsys):
+    key = "model.layers.0.self_attn.o_proj.weight"
+    _rewrite(llada_v_dir, tmp_path, lambda t: t.__setitem__("model.layers.0.self_attn.out_proj.weight", t.pop(key)))
+    rc, out, err = bench(["check-weights", "--model", "llada-v", str(tmp_path)], capsys)
+    assert rc == 2 and "status: MISMATCH" in out
+    assert err.startswith("bench: error: ") and err.count("\n") == 1
+    assert "model.layers.0.self_attn.out_proj.weight" in err and "lm.layers.0.self_attn.o_proj.weight" in err
+    rc, _, err = bench(["check-weights", "--model", "lavida", str(llada_v_dir)], capsys)   # the other layout
+    assert rc == 2 and "unexpected" in err and "model.layers.0" in err
+
+
+def test_full_scale_bad_input_exits_2(llada_v_dir, tmp_path, capsys):
+    rc, _, err = bench(["run", "--scale", "full", "--model", "llada-v", "--results", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "needs --weights PATH" in err
+    rc, _, err = bench(["run", "--weights", str(llada_v_dir), "--model", "llada-v", "--results", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "--weights is for --scale full" in err
+    rc, _, err = bench(["run", "--scale", "full", "--weights", str(llada_v_dir), "--model", "llada-v", "--model-arg",
+                        "d_model=8", "--results", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "read from the checkpoint" in err
+    rc, _, err = bench(["run", "--scale", "full", "--weights", str(llada_v_dir), "--trainable", "all",
+                        "--results", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "only the projector trains" in err
+    rc, _, err = bench(["check-weights", "--model", "llava", str(llada_v_dir)], capsys)
+    assert rc == 2 and "no full-scale loader" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_bench_run_at_full_scale_on_a_tiny_random_checkpoint(tmp_path, monkeypatch, capsys):
+    """The whole pipeline on a synthetic published-layout checkpoint: the checkpoint's tokenizer reads the
+    task's text, only the projector trains, stages store it with the hash, records pin hash/dtype/device."""
+    from tasks.synthetic import vocabulary
+    w = tmp_path / "w"
+    write_synthetic_checkpoint(w, tiny_config(vocab_size=256, image_size=64), words=vocabulary())
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("tasks.synthetic.OBJECT_PROBE_PER_CATEGORY", 1)     # 8 object probes, not 200
+    rc, out, err = bench(["run", "--scale", "full", "--weights", str(w), "--model", "llada-v", "--defense", "none",
+                          "--results", str(tmp_path / "res"), "--task-arg", "n_base=8", "--task-arg", "n_pool=16",
+                          "--task-arg", "n_test=4", "--task-arg", "n_mc=4", "--task-arg", "n_encoder=8",
+                          "--epochs", "1", "--steps", "4", "--model-arg", "image_size=64"], capsys)
+    assert rc == 0, err
+    assert "llada-v (full)" in out and "trainable projector" in out
+    recs = [json.loads(x) for x in (tmp_path / "res" / "records.jsonl").read_text().splitlines()]
+    digest = ckpt.checkpoint_hash(w)
+    for r in recs:
+        ma = r["spec"]["model_args"]
+        assert ma["checkpoint"] == digest and ma["dtype"] == "float32" and ma["device"] == "cpu"
+        assert r["lineage"]["base"]["info"]["hash"] == digest
+    stored = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file())
+    assert stored < 2 * sum(f.stat().st_size for f in w.glob("*.safetensors")) + 200_000   # projectors, not model copies
