@@ -559,6 +559,12 @@ def resolve_full(cls, name: str, overrides: dict, base: FullConfig | None = None
     return asdict(cfg)
 
 
+def full_args(base: FullConfig | None = None) -> dict:
+    """The settable model args at full scale and their defaults (``bench list --args``)."""
+    cfg = asdict(base or FullConfig())
+    return {k: cfg[k] for k in RUN_ARGS if k not in ("weights", "checkpoint")}
+
+
 def build_full(cls, model_args: dict) -> nn.Module:
     """The full-scale model of a cell (strictly loaded; its WeightsReport as ``weights_report``)."""
     model, report = load_model(cls, FullConfig(**model_args))
