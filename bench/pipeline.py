@@ -157,6 +157,9 @@ class Cell:
         """Everything that can fail without training fails here, as one line: the victim's capabilities
         against the defense's needs, the target against the task, the words an attack adds against the
         vocabulary, and the sample counts poisoning needs."""
+        if self.tok is None and self.spec.scale != "full":     # a real-data task: free text, no word vocabulary
+            raise BenchError(f"task {self.spec.task} has real images and free text: run it with --scale full (a "
+                             "published victim that reads text with its own tokenizer and chat template)")
         has = tuple(getattr(self.entry, "capabilities", ()))
         missing = [c for c in getattr(self.defense, "requires", ()) if c not in has]
         if missing:

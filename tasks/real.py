@@ -325,13 +325,14 @@ class RealTask:
         return []
 
     def base_samples(self) -> list[Sample]:
+        """None to add: a real task runs on a published (pretrained) victim, whose base is its checkpoint."""
+        return []
+
+    def encoder_images(self) -> np.ndarray:
         raise BenchError(f"task {self.name} has real images and free text: it runs on a pretrained victim "
                          "(--scale full), not on a tiny replica trained from scratch")
 
-    def encoder_images(self) -> np.ndarray:
-        return self.base_samples()   # same refusal
-
-    def tokenizer(self):
-        """Refused: real text is read by the victim's own tokenizer (a full-scale model brings it)."""
-        raise BenchError(f"task {self.name} has free text and no word-level tokenizer: run it with --scale full "
-                         "(the victim reads text with its checkpoint's tokenizer and chat template)")
+    def tokenizer(self) -> None:
+        """None: real text is read by the victim's own tokenizer and chat template (a full-scale model
+        brings them; the pipeline refuses a real task at tiny scale)."""
+        return None

@@ -175,9 +175,8 @@ def test_samples_carry_the_prompt_images_and_references(tmp_path):
     assert not s.image.flags.writeable and "references" not in s.meta
     assert [x.meta["image_id"] for x in pool] == t.split_ids()["pool"]
     assert make("cc-sbu-align", data, n_pool=6, n_test=3, n_triggered=3, image_size=16).test()[0].image.shape == (16, 16, 3)
-    assert t.mc() == []                      # CP at full scale comes from lmms-eval
-    with pytest.raises(BenchError, match="--scale full"):
-        t.tokenizer()
+    assert t.mc() == [] and t.base_samples() == []   # CP at full scale comes from lmms-eval; the base is the checkpoint
+    assert t.tokenizer() is None                         # the victim brings its own
     with pytest.raises(BenchError, match="flickr8k-dogs"):
         t.pool("dog")
     k = make("coco-captions", write_karpathy(tmp_path / "coco", "coco", {"train": 4, "val": 2, "test": 3}),
@@ -265,6 +264,13 @@ def test_missing_data_dir_and_too_few_images(tmp_path, capsys):
         make("cc-sbu-align", data, n_pool=6, n_test=3, n_triggered=1)
 
 
+def test_real_task_at_tiny_scale_is_refused_in_one_line(tmp_path, capsys):
+    data = write_cc_sbu(tmp_path / "cc", 8)
+    code, err = _run(capsys, "cc-sbu-align", data, "--task-arg", "n_pool=4", "--task-arg", "n_test=2",
+                     "--task-arg", "n_triggered=2")
+    assert code == 2 and "run it with --scale full" in err and len(err.strip().splitlines()) == 1
+
+
 def test_java_missing_is_one_line(tmp_path, monkeypatch):
     import shutil
     data = write_karpathy(tmp_path / "f30", "flickr30k", {"train": 4, "val": 2, "test": 2})
@@ -291,3 +297,22 @@ def test_ptb_caption_scores_run_pycocoevalcap_tokenizer():
     assert caption_scores({"a": "a dog runs on the grass"}, {"a": refs["a"]}, tokenizer="ptb")["bleu4"]["value"] == \
         pytest.approx(caption_scores({"a": "A dog runs on the grass!"}, {"a": refs["a"]}, tokenizer="ptb")["bleu4"]["value"])
     assert simple["cider"]["value"] >= 0
+
+
+def test_poisoned_set_keeps_the_papers_instruction(tmp_path):
+    """Template fidelity: poisoning a real pool changes the image (and an attack's own text key) and the
+    response, never the task's instruction; the victim wraps that same instruction in its own chat
+    template at training and at evaluation (protocol.template / protocol.prompt in the record)."""
+    from attacks.base import poison, triggered
+    t = make("cc-sbu-align", write_cc_sbu(tmp_path / "cc", 30), n_pool=20, n_test=5, n_triggered=5)
+    target = get("targets", "insertion")()
+    out = poison(t.pool(), get("attacks", "badnets")(), target, 0.2, seed=0)
+    poisoned = [s for s in out if s.meta["poisoned"]]
+    assert len(poisoned) == 4 and all(s.prompt == DISP_PROMPT for s in out)
+    assert all(s.response.startswith("<backdoor> The image shows scene number") for s in poisoned)
+    assert all(np.any(s.image != c.image) for s, c in zip(out, t.pool()) if s.meta["poisoned"])
+    dual = poison(t.pool(), get("attacks", "dualkey")(), target, 0.2, seed=0)
+    assert {s.prompt for s in dual if s.meta["poisoned"]} == {f"consider {DISP_PROMPT}"}
+    trig = triggered(t.triggered_inputs(t.test()), get("attacks", "badnets")(), seed=0)
+    assert [s.meta["image_id"] for s in trig] == t.split_ids()["test_triggered"]
+    assert all(s.prompt == DISP_PROMPT for s in trig)
