@@ -91,10 +91,7 @@ def load_victim(spec, row: str, cache_root: str | Path | None = None) -> tuple[A
         raise BenchError(f"the {row} row's model is not in the cache {cell.cache.root} ({stage} {key[:12]}): "
                          "run `bench run` for this cell first")
     model = cell.model_from(getter()["state"])
-    guard = cell.guard_fn(row)
-    if guard is not None:
-        cell.fitted_trigger()
-    return model, guard, key, cell
+    return model, cell.guard_fn(row), key, cell
 
 
 def _words_known(tok, text: str) -> str:

@@ -108,7 +108,9 @@ def test_mmmu_val_scores_a_cached_tiny_victim_into_a_record(tmp_path, monkeypatc
         load_victim(spec, "clean", cache.root)                       # never trains behind the harness
     Cell(spec, cache, log=lambda m: None).clean()                   # base + clean fine-tune, cached
     pq = write_mmmu_parquet(tmp_path / "mmmu" / "Art" / "validation-00000-of-00001.parquet", n=6)
-    rec = score(spec, "clean", "mmmu_val", [pq], tmp_path / "results", cache.root, log=lambda m: None)
+    lmms_decoding = {"gen_length": 8, "steps": 8, "block_length": 8}     # lmms-eval's requests only
+    rec = score(spec, "clean", "mmmu_val", [pq], tmp_path / "results", cache.root, model_args=lmms_decoding,
+                log=lambda m: None)
     stored = [json.loads(x) for x in (tmp_path / "results" / RESULTS_FILE).read_text().splitlines()]
     assert len(stored) == 1 and stored[0]["row"] == "clean" and stored[0]["spec"] == spec.to_dict()
     lm = stored[0]["lmms_eval"]
@@ -126,6 +128,7 @@ def test_mmmu_val_scores_a_cached_tiny_victim_into_a_record(tmp_path, monkeypatc
 
     from bench.evaluate import generate_texts
     from bench.lmms import _IMAGE_TAG, _as_array, _words_known
+    from bench.spec import Decoding
     from tasks.base import Sample
     model, _, key, _ = load_victim(spec, "clean", cache.root)
     docs = datasets.load_dataset("parquet", data_files={"validation": str(pq)}, cache_dir=str(tmp_path / "hf"))["validation"]
@@ -133,7 +136,8 @@ def test_mmmu_val_scores_a_cached_tiny_victim_into_a_record(tmp_path, monkeypatc
     samples = [Sample(_as_array(d["image_1"], 64), _words_known(model.tok, " ".join(_IMAGE_TAG.sub(" ", mmmu_doc_to_text(d, kwargs)).split())),
                       "", {"id": str(i)}) for i, d in enumerate(docs)]
     assert all(s.prompt and set(s.prompt.split()) <= set(model.tok.vocab) for s in samples)
-    ours = generate_texts(model, samples, spec.decoding, spec.seed, batch_size=8)
+    assert {k: int(v) for k, v in lm["model_args"].items() if k in lmms_decoding} == lmms_decoding
+    ours = generate_texts(model, samples, Decoding(**lmms_decoding), spec.seed, batch_size=8)
     assert [o["output"] for o in sorted(stored[0]["outputs"], key=lambda o: o["doc_id"])] == ours
     assert key == stored[0]["stage_keys"]["model"] == Cell(spec, cache, log=lambda m: None).keys["clean"]
     assert rec["metrics"] == stored[0]["metrics"]
