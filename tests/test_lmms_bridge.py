@@ -157,3 +157,33 @@ def test_cli_refuses_an_uncached_row_in_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "backdoored row's model is not in the cache" in err and "bench run" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_a_full_scale_backdoored_row_scores_from_the_cache(tmp_path, monkeypatch, one_thread):
+    """The bridge wraps a full-scale victim too: a tiny-random llada-v in the published layout, backdoored on
+    a cc-sbu-align folder, reads MMMU's raw-size images through its own any-resolution views and template."""
+    from bench.cache import ArtifactCache
+    from bench.lmms import score
+    from bench.pipeline import Cell, make_spec
+    from models.llada_v_full import tiny_config, write_synthetic_checkpoint
+    from tasks.real import DISP_PROMPT
+    from tests.test_real_tasks import write_cc_sbu
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    data = write_cc_sbu(tmp_path / "cc", 20)
+    w = tmp_path / "w"
+    write_synthetic_checkpoint(w, tiny_config(vocab_size=256, image_size=64),
+                               words=[*DISP_PROMPT.split(), *"The image shows scene number with a tree.".split(),
+                                      *map(str, range(30)), "<backdoor>"])
+    spec = make_spec(scale="full", model_args={"weights": str(w), "image_size": 64}, task="cc-sbu-align",
+                     task_args={"data": str(data), "n_pool": 8, "n_test": 4, "n_triggered": 4, "image_size": 64},
+                     defense="none", recipe={"epochs": 1}, decoding={"gen_length": 16, "steps": 4, "block_length": 8})
+    cache = ArtifactCache(tmp_path / "cache")
+    Cell(spec, cache, log=lambda m: None).backdoored()
+    pq = write_mmmu_parquet(tmp_path / "mmmu" / "validation-00000-of-00001.parquet", n=4)
+    rec = score(spec, "backdoored", "mmmu_val", [pq], tmp_path / "res", cache.root,
+                model_args={"gen_length": 2, "steps": 2, "block_length": 2}, log=lambda m: None)
+    assert rec["row"] == "backdoored" and rec["spec"]["scale"] == "full"
+    assert rec["stage_keys"]["model"] == Cell(spec, cache, log=lambda m: None).keys["backdoored"]
+    assert rec["lmms_eval"]["n_samples"]["effective"] == 4 and len(rec["outputs"]) == 4
+    assert rec["metrics"]["cp"]["metric"] == "mmmu_acc,none" and 0.0 <= rec["metrics"]["cp"]["value"] <= 100.0
