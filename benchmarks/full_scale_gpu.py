@@ -59,8 +59,8 @@ class Meter:
         self.device = device
 
     def __enter__(self):
-        gc.collect()
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         self.rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -98,8 +98,8 @@ def guarded(out: dict, name: str, fn) -> None:
         out[name] = fn()
     except Exception as e:   # report and go on: one part's failure must not hide the others
         out[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "where": traceback.format_exc(limit=-2)[-600:]}
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -145,18 +145,20 @@ def bench_model(name: str, cls, cfg: FullConfig, device: torch.device, dtype: to
         batch = make_batch(model, train_batch, gen, image_size)
         g = torch.Generator().manual_seed(seed)
         times = []
-        with Meter(device) as m:
-            for _ in range(2):                 # the second step is the steady-state one
-                sync(device)
-                t0 = time.perf_counter()
-                loss = model.loss(batch, g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sync(device)
-                times.append(time.perf_counter() - t0)
-        model.requires_grad_(False)
-        model.lm.checkpointing = False
+        try:
+            with Meter(device) as m:
+                for _ in range(2):                 # the second step is the steady-state one
+                    sync(device)
+                    t0 = time.perf_counter()
+                    loss = model.loss(batch, g)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+        finally:                                   # frozen and plain again, whatever happened
+            model.requires_grad_(False)
+            model.lm.checkpointing = False
         step = times[-1]
         steps = -(-epoch_samples // train_batch)
         return {"seconds_first": round(times[0], 3), "seconds_step": round(step, 3), "peak_gib": m.peak_gib,

@@ -462,16 +462,12 @@ def load_model(cls, cfg: FullConfig, with_tokenizer: bool = True) -> tuple[nn.Mo
 
 def random_model(cls, cfg: FullConfig, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                  tokenizer=None) -> nn.Module:
-    """A randomly initialised model built directly on ``device`` in ``dtype`` (benchmarks, synthetic checkpoints)."""
+    """A randomly initialised model built directly on ``device`` (initialised in float32, where every
+    init routine is defined, then cast to ``dtype``) — benchmarks and synthetic checkpoints."""
     torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(cfg, tokenizer)
-    finally:
-        torch.set_default_dtype(old)
-    model.requires_grad_(False)
+    with torch.device(device):
+        model = cls(cfg, tokenizer)
+    model.to(dtype).requires_grad_(False)
     return model.eval()
 
 
