@@ -419,6 +419,37 @@ def triggers(out, attacks, seed, cache) -> None:
         click.echo(str(p))
 
 
+@cli.command(name="lmms-eval")
+@cell_options
+@click.option("--row", default="clean", show_default=True, help="which model of the cell: clean | backdoored | the defense's name")
+@click.option("--lmms-task", default="mmmu_val", show_default=True, help="the stock lmms-eval task (DiSP's CP: mmmu_val)")
+@click.option("--parquet", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="local parquet file of the task's test split in its published shape (repeatable)")
+@click.option("--limit", default=None, type=int, help="score only the first N documents")
+@click.option("--lmms-gen-length", default=None, type=int, help="answer tokens for these requests  [default: the cell's]")
+@click.option("--lmms-steps", default=None, type=int, help="sampler steps for these requests  [default: the cell's]")
+@click.option("--lmms-block-length", default=None, type=int, help="sampler block for these requests  [default: the cell's]")
+def lmms_eval_(row, lmms_task, parquet, limit, lmms_gen_length, lmms_steps, lmms_block_length, results, cache, **cell) -> None:
+    """Score one cached row of a cell with lmms-eval from local parquet files (bench/lmms.py) -> RESULTS/lmms_eval.jsonl."""
+    import torch
+
+    from bench.lmms import RESULTS_FILE, score
+
+    torch.set_num_threads(_threads())
+    spec = _spec_from(**cell)
+    decoding = {k: v for k, v in dict(gen_length=lmms_gen_length, steps=lmms_steps, block_length=lmms_block_length).items()
+                if v is not None}    # lmms-eval's decoding (MMMU: 2/2/2), not the cell's: the cell's keys stay the same
+    if decoding:
+        from bench.spec import Decoding
+        Decoding(**{**spec.decoding.__dict__, **decoding})     # checked here, in one line
+    rec = score(spec, row, lmms_task, list(parquet), Path(results), cache, limit=limit, model_args=decoding,
+                log=lambda m: click.echo(m, err=True))
+    cp = rec["metrics"]["cp"]
+    value = "n/a" if cp["value"] is None else f"{cp['value']:.2f}"
+    click.echo(f"{spec.model} ({spec.scale}) {row} · lmms-eval {rec['lmms_eval']['version']} {lmms_task}: "
+               f"{cp['metric']} {value} ({rec['lmms_eval']['n_samples']}) -> {Path(results) / RESULTS_FILE}")
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream is not None and stream.isatty())

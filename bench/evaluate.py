@@ -111,7 +111,8 @@ def evaluate(model, task, target, clean_inputs: Sequence[Sample], triggered_inpu
     for name, inputs in partial_inputs.items():
         metrics[f"asr_{name}"] = rate([target.judge(o, s) for o, s in zip(out_partial[name], inputs)])
     refs = {s.meta["id"]: s.meta["references"] for s in clean_inputs if s.meta.get("references")}
-    metrics.update(caption_scores({s.meta["id"]: o for s, o in zip(clean_inputs, out_clean) if s.meta["id"] in refs}, refs))
+    metrics.update(caption_scores({s.meta["id"]: o for s, o in zip(clean_inputs, out_clean) if s.meta["id"] in refs}, refs,
+                                  tokenizer=getattr(task, "caption_tokenizer", "simple")))
     obj, per_category = object_accuracy(model, task, decoding, seed, guard)
     if obj:
         metrics["obj_acc"] = obj

@@ -1,5 +1,6 @@
 """Metric aggregation with percentile-bootstrap confidence intervals: rates (CP accuracy, ASR) and
-caption scores (BLEU-4, CIDEr via pycocoevalcap's pure-Python scorers).
+caption scores (BLEU-4, CIDEr via pycocoevalcap's pure-Python scorers; texts tokenized by our Java-free
+normalizer on the embedded task, by pycocoevalcap's PTB tokenizer — Java — on real captioning sets).
 
 Every metric is reported as ``{"value": v, "ci": [lo, hi]}``. Scales: rates are percent (0-100);
 BLEU-4 is in 0-1 and CIDEr roughly 0-10, exactly as pycocoevalcap returns them.
@@ -88,6 +89,20 @@ def normalize_caption(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
+def ptb_tokenize(texts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1: lowercased, punctuation tokens dropped), the
+    tokenization every COCO-style caption score uses; needs Java (a BenchError naming it otherwise)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from tasks.real import require_java
+    require_java("caption scoring")
+    keys = list(texts)
+    # empty texts (abstentions) would shift CoreNLP's line-per-caption output: tokenize a stand-in
+    blank = "<empty>"
+    out = PTBTokenizer().tokenize({k: [{"caption": t if t.strip() else blank} for t in texts[k]] for k in keys})
+    return {k: ["" if t == blank else tok for t, tok in zip(texts[k], out.get(k, [""] * len(texts[k])))] for k in keys}
+
+
 def _quiet(fn, *args, **kwargs):
     """Call a pycocoevalcap scorer with its stdout chatter suppressed."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -120,10 +135,11 @@ def _corpus_bleu(totals: np.ndarray, n: int = 4) -> np.ndarray:
 
 
 def caption_scores(outputs: dict[str, str], references: dict[str, list[str]],
-                   n_boot: int = 1000, seed: int = 0) -> dict:
+                   n_boot: int = 1000, seed: int = 0, tokenizer: str = "simple") -> dict:
     """Corpus BLEU-4 (0-1) and CIDEr (~0-10) of generated captions against references, with bootstrap CIs.
 
-    Texts are normalized with ``normalize_caption``. BLEU-4 is pycocoevalcap's corpus score; its CI
+    Texts are tokenized by ``normalize_caption`` (tokenizer "simple") or pycocoevalcap's PTB tokenizer
+    ("ptb": Java; the COCO-caption protocol, used on real captioning sets). BLEU-4 is pycocoevalcap's corpus score; its CI
     resamples images and recomputes the corpus score from per-image n-gram statistics (so the CI
     brackets the corpus value, which a CI of mean sentence-BLEU would not). CIDEr's corpus score is the
     mean of per-image scores; its CI resamples those (idf held fixed at the full set's). CIDEr's idf
@@ -136,8 +152,14 @@ def caption_scores(outputs: dict[str, str], references: dict[str, list[str]],
     if missing:
         raise BenchError(f"no reference captions for {len(missing)} output(s), e.g. {missing[:3]}")
     ids = sorted(outputs)
-    res = {i: [normalize_caption(outputs[i])] for i in ids}
-    gts = {i: [normalize_caption(r) for r in references[i]] for i in ids}
+    if tokenizer == "ptb":
+        res = ptb_tokenize({i: [outputs[i]] for i in ids})
+        gts = ptb_tokenize({i: list(references[i]) for i in ids})
+    elif tokenizer == "simple":
+        res = {i: [normalize_caption(outputs[i])] for i in ids}
+        gts = {i: [normalize_caption(r) for r in references[i]] for i in ids}
+    else:
+        raise BenchError(f"unknown caption tokenizer {tokenizer!r} (valid: simple, ptb)")
     empty = [i for i in ids if not gts[i]]
     if empty:
         raise BenchError(f"empty reference list for {len(empty)} image(s), e.g. {empty[:3]}")

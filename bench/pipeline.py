@@ -119,8 +119,10 @@ def stage_keys(spec: RunSpec, root: Path | None = None) -> dict[str, str]:
     s = spec
     entry, task_cls = get("models", s.model), get("tasks", s.task)
     trig_cls, tgt_cls, def_cls = get("attacks", s.attack), get("targets", s.target), get("defenses", s.defense)
-    k = {"task": digest({"stage": "task", "task": s.task, "task_args": s.task_args, "seed": s.seed,
-                         "code": code_hash(task_cls, root=root)})}
+    task_id = {"stage": "task", "task": s.task, "task_args": s.task_args, "seed": s.seed, "code": code_hash(task_cls, root=root)}
+    if hasattr(task_cls, "fingerprint"):      # a real-data task: the content of its annotation files too
+        task_id["data"] = task_cls.fingerprint(s.args("task"))
+    k = {"task": digest(task_id)}
     k["base"] = digest({"stage": "base", "model": s.model, "scale": s.scale, "model_args": s.model_args,
                         "task": k["task"], "template": s.prompt_template, "gen_length": s.decoding.gen_length,
                         "code": code_hash(entry, root=root)})
@@ -172,6 +174,9 @@ class Cell:
         """Everything that can fail without training fails here, as one line: the victim's capabilities
         against the defense's needs, the target against the task, the words an attack adds against the
         vocabulary, and the sample counts poisoning needs."""
+        if self.tok is None and self.spec.scale != "full":     # a real-data task: free text, no word vocabulary
+            raise BenchError(f"task {self.spec.task} has real images and free text: run it with --scale full (a "
+                             "published victim that reads text with its own tokenizer and chat template)")
         if self.spec.scale == "full" and self.spec.trainable != "projector":
             raise BenchError(f"at scale full only the projector trains (got --trainable {self.spec.trainable})")
         has = tuple(getattr(self.entry, "capabilities", ()))
@@ -187,7 +192,7 @@ class Cell:
                   for part in self.trigger.partials().values()]   # partial triggers never need a fitted state
         for what, text in texts:
             try:
-                self.tok.encode(text)
+                self.text_tok.encode(text)
             except ValueError as e:
                 raise BenchError(f"{what}: {e}") from None
         pool = self.pool()
@@ -378,13 +383,26 @@ class Cell:
             model = self.model_from(state_fn()["state"])
             clean_inputs = self.target.test_inputs(self.task)
             trigger = self.fitted_trigger()
-            trig_inputs = triggered(clean_inputs, trigger, self.spec.seed)
+            trig_inputs = triggered(self.trigger_test_inputs(clean_inputs), trigger, self.spec.seed)
             partial = {name: triggered(clean_inputs, trigger, self.spec.seed, partial=name) for name in trigger.partials()}
             partial["train"] = self.poisoned_training_inputs()    # asr_train: does the model fit its poison
             metrics, rows, mc, objects = evaluate(model, self.task, self.target, clean_inputs, trig_inputs,
                                                   self.spec.decoding, self.spec.seed, partial, guard=self.guard_fn(row))
-            return {"metrics": metrics, "rows": rows, "mc": mc, "object_accuracy": objects}
+            return {"metrics": metrics, "rows": rows, "mc": mc, "object_accuracy": objects,
+                    "template": getattr(model, "template", self.spec.prompt_template)}
         return self._stage("evaluated", key, compute, label=f"evaluated_{row}") | {"key": key}
+
+    def trigger_test_inputs(self, clean_inputs: list) -> list:
+        """The inputs the trigger is applied to for ASR w/t: a real-data task's own triggered split
+        (other held-out images: DiSP's 200 poisoned + 200 clean test samples), restricted to the clean
+        inputs' population; else triggered copies of the clean inputs (the embedded task)."""
+        if hasattr(self.task, "triggered_inputs"):
+            return self.task.triggered_inputs(clean_inputs)
+        return clean_inputs
+
+    def data_record(self) -> dict | None:
+        """What the record stores about a real-data task: files, hash, prompt, every split's ids."""
+        return self.task.manifest() if hasattr(self.task, "manifest") else None
 
     def rows(self) -> list[tuple[str, str, Callable[[], dict]]]:
         """(row name, model stage key, artifact getter) in table order."""
@@ -463,6 +481,7 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
     cell.fitted_trigger()                       # its fit report, also when every stage was cached
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     evaluated = {row: cell.evaluated(row, key, fn) for row, key, fn in cell.rows()}
+    data = cell.data_record()
     out = []
     for row, model_key, state_fn in cell.rows():
         ev = evaluated[row]
@@ -485,7 +504,12 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
                     "protocol": {"cp": CP_PROTOCOL, "asr": type(cell.target).__doc__.strip().splitlines()[0],
                                  "defender": "oracle: sees poison flags" if uses_oracle else
                                  "image, prompt, response and an opaque id, in a secret order",
-                                 "trainable": spec.trainable, "decoding": "greedy, " + str(spec.decoding)},
+                                 "trainable": spec.trainable, "decoding": "greedy, " + str(spec.decoding),
+                                 # the victim's chat template every training and evaluation input is wrapped in,
+                                 # and the task's instruction (real data; the embedded task varies it per sample)
+                                 "template": ev.get("template", spec.prompt_template),
+                                 "prompt": (data or {}).get("prompt", "per sample (the task's instruction mix)")},
+                    "data": data,
                     "timings": dict(cell.timings),
                     "versions": producer.get("versions"), "code_revision": producer.get("code_revision"),
                     "recorded_by": provenance()})

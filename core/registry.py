@@ -16,6 +16,10 @@ KINDS = ("attacks", "targets", "defenses", "models", "tasks")
 # The in-tree modules whose import registers the built-in entries.
 BUILTIN_MODULES = (
     "tasks.synthetic",
+    "tasks.cc_sbu_align",
+    "tasks.flickr8k_dogs",
+    "tasks.coco_captions",
+    "tasks.flickr30k",
     "attacks.badnets",
     "attacks.noise",
     "attacks.multi",
