@@ -12,6 +12,11 @@ The `tiny` scale is transformers' own class at a small config, trained here on t
   the answer ends at its first <eos>), decoded greedily one token at a time with a key/value cache;
 - gradients w.r.t. the projected visual tokens go through `inputs_embeds`.
 
+The `full` scale (`--scale full --weights PATH`, `LlavaFull`) is `from_pretrained(PATH)` of a published
+LLaVA-1.5 checkpoint in the llava-hf layout, offline and strict (`models.published`), with the
+checkpoint's tokenizer and image processor (PIL path) and the published prompt
+`USER: <image>\n{Q} ASSISTANT:`; the same embedding, loss, decoding and CP code as tiny.
+
 Trainable parts map to the class's modules: `projector` = `multi_modal_projector`, `projector+lm`
 adds `language_model` and `lm_head`, `all` adds `vision_tower`. The masked-diffusion capability is
 absent: DiSP is refused up front. CP is scored at the last prompt position (the next-token logits),
@@ -31,6 +36,8 @@ from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
+from models.published import (DTYPES, ChatLayout, describe, load_image_processor, load_tokenizer,
+                              offline_pretrained, pixel_values, weights_dir)
 from models.train import finetune
 
 PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
@@ -75,14 +82,29 @@ class LLaVA(TemplateLayout, nn.Module):
         return self.hf
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def view_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, views x tokens, d_enc): the shared encoder's second-to-last-layer features of every view,
-        through the SigLIP tower (no gradient unless the tower trains)."""
+    feature_layer: int | list[int] = -2     # tiny: the shared encoder's second-to-last block
+    drop_cls: bool = False
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """(B x views, 3, s, s): tiny scale, every view of LLaDA-V's layout in miniature, SigLIP-normalised."""
         v = views(images, self.cfg.view_size)
-        pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
+        return ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
+
+    def _tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """LLaVA's feature selection: the tower's hidden states at `feature_layer` (a list: concatenated),
+        the CLS position dropped under the "default" select strategy."""
+        hs = self._tower()(pixel_values=pixels, output_hidden_states=True).hidden_states
+        layers = self.feature_layer if isinstance(self.feature_layer, (list, tuple)) else [self.feature_layer]
+        feats = torch.cat([hs[i] for i in layers], dim=-1)
+        return feats[:, 1:] if self.drop_cls else feats
+
+    def view_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, views x tokens, d_enc): the vision tower's features of every view of every image (no
+        gradient unless the tower trains)."""
         tower = self._tower()
+        pixels = self.pixel_values(images).to(next(tower.parameters()).dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
-            feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+            feats = self._tower_features(pixels)
         return feats.reshape(len(images), -1, feats.shape[-1])
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
@@ -161,12 +183,76 @@ class LLaVA(TemplateLayout, nn.Module):
             mod.requires_grad_(name in on)
 
 
+LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"     # LLaVA-1.5's published prompt (llava-hf model card)
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """`--scale full`: a local checkpoint directory (config.json, weights, tokenizer, image-processor
+    files) and the dtype it is held in."""
+
+    weights: str = ""
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise BenchError(f"model arg dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def resolve_full(name: str, overrides: dict) -> dict:
+    """The full-scale model args of an entry: `weights` (checked when given) and `dtype`."""
+    valid = {f.name for f in fields(FullConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise BenchError(f"unknown model arg(s) {sorted(unknown)} for {name} at scale full (valid: {', '.join(sorted(valid))})")
+    cfg = FullConfig(**overrides)
+    if cfg.weights:
+        weights_dir(cfg.weights, name)
+    return asdict(cfg)
+
+
+def full_weights(name: str, model_args: dict) -> FullConfig:
+    cfg = FullConfig(**model_args)
+    if not cfg.weights:
+        raise BenchError(f"scale 'full' for {name} needs --weights PATH (a local checkpoint directory)")
+    return cfg
+
+
+class LlavaFull(ChatLayout, LLaVA):
+    """A published LLaVA-1.5 checkpoint (llava-hf layout: `LlavaForConditionalGeneration.save_pretrained`)
+    behind the same contract: its own tokenizer and image processor, the published template, features
+    at `vision_feature_layer` with `vision_feature_select_strategy`, and every method below the
+    collation (embedding, loss, cached greedy decoding, CP) shared with the tiny class."""
+
+    def __init__(self, cfg: FullConfig):
+        nn.Module.__init__(self)
+        from transformers import LlavaForConditionalGeneration
+
+        self.cfg = cfg
+        path = weights_dir(cfg.weights, "llava")
+        self.hf = offline_pretrained(LlavaForConditionalGeneration, path, "llava", cfg.dtype)
+        self.processor = load_image_processor(path, "llava")
+        hc = self.hf.config
+        self.feature_layer, self.drop_cls = hc.vision_feature_layer, hc.vision_feature_select_strategy == "default"
+        grid = hc.vision_config.image_size // hc.vision_config.patch_size
+        self.init_chat(load_tokenizer(path, "llava"), LLAVA_TEMPLATE, grid * grid + (not self.drop_cls), hc.image_token_index)
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        return pixel_values(self.processor, images, torch.float32)
+
+    def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        out = LLaVA.visual_embeds(self, images)
+        if out.shape[1] != self.n_visual:
+            raise BenchError(f"llava: the image processor's output gives {out.shape[1]} visual tokens, the "
+                             f"config {self.n_visual} (image_size / patch_size disagree with preprocessor_config.json)")
+        return out
+
+
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        raise BenchError("scale 'full' for llava needs a published LLaVA-1.5 checkpoint, which this version cannot "
-                         "load yet (valid now: tiny)")
+        return resolve_full("llava", overrides)
     if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for llava (valid: tiny)")
+        raise BenchError(f"unknown scale {scale!r} for llava (valid: tiny, full)")
     valid = {f.name for f in fields(LlavaTinyConfig)}
     unknown = set(overrides) - valid
     if unknown:
@@ -176,9 +262,9 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "llava")
 class LlavaEntry:
-    """LLaVA-1.5 (transformers LlavaForConditionalGeneration): SigLIP tower -> MLP projector -> causal LLaMA; scale tiny."""
+    """LLaVA-1.5 (transformers LlavaForConditionalGeneration): vision tower -> MLP projector -> causal LLaMA; scales tiny, full."""
 
-    scales = ("tiny",)
+    scales = ("tiny", "full")
     family = "autoregressive VLM"
     capabilities = ()
     trainable_parts = tuple(PARTS)
@@ -187,13 +273,24 @@ class LlavaEntry:
 
     @staticmethod
     def build(model_args: dict, tokenizer, template: str, seed: int) -> LLaVA:
+        """Tiny: the class at a small config (the task's tokenizer and template). Full (model args hold
+        `weights`): the published checkpoint with its own tokenizer, processor and template."""
         torch.manual_seed(seed)
+        if "weights" in model_args:
+            return LlavaFull(full_weights("llava", model_args))
         return LLaVA(LlavaTinyConfig(**model_args), tokenizer, template)
 
     @staticmethod
+    def check_weights(path: str) -> dict:
+        """What a full-scale run would load from PATH (loads it: zero missing or unexpected keys or exit 2)."""
+        return describe(LlavaFull(FullConfig(weights=str(path), dtype="float32")))
+
+    @staticmethod
     def train_base(model: LLaVA, task, seed: int, gen_length: int) -> dict:
-        """The shared encoder's MIM pretraining (then frozen, copied into the SigLIP tower), then projector
+        """Full scale: the published checkpoint is the base (nothing to train). Tiny: the shared encoder's MIM pretraining (then frozen, copied into the SigLIP tower), then projector
         + LM on the base instruction mix with the prompt placed before/among the visual tokens in half."""
+        if isinstance(model, ChatLayout):
+            return {"base": "published checkpoint"}
         cfg = model.cfg
         mim = pretrain_encoder(model._mim[0], task, cfg, seed)
         model._tower().load_state_dict(siglip_state(model._mim[0]))

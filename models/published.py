@@ -1,0 +1,178 @@
+"""Published checkpoints of transformers classes at `--scale full`: loaded offline from a local
+directory, driven with the checkpoint's own tokenizer, image processor and chat template.
+
+- `offline_pretrained` is `from_pretrained(PATH)` with `HF_HUB_OFFLINE=1` and `local_files_only=True`
+  that refuses anything but an exact fit: a missing, unexpected or reshaped key exits 2 (BenchError)
+  naming the first ones, never a silently re-initialised module (transformers only warns).
+- `HFTokens` gives a transformers tokenizer the small interface the benchmark's code uses (ids of
+  bos / eos / pad / image, `encode`, `decode`, `token` for single-token CP options).
+- `ChatLayout` collates samples into the shared `Batch` with the published template: the prompt
+  tokenized as one string, the image placeholder expanded to the model's visual-token count, rows
+  left-padded (position ids restart after the padding, `models.llava.LLaVA._logits`).
+
+The tiny scale keeps its word-level layout (`models.llada_v.TemplateLayout`); everything downstream of
+collation (embedding, loss, decoding, CP scoring) is the same code at both scales.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from core.errors import BenchError
+from models.base import Batch
+from tasks.base import Sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_dir(path: str | os.PathLike, what: str) -> Path:
+    """The local directory a full-scale victim reads; a hub id or a missing path is refused (no downloads)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise BenchError(f"{what}: {path} is not a local directory (full scale reads local files only; "
+                         "download the checkpoint first)")
+    if not (p / "config.json").is_file():
+        raise BenchError(f"{what}: {p} has no config.json (expected a save_pretrained directory)")
+    return p
+
+
+def _first(keys, n: int = 3) -> str:
+    keys = sorted(keys, key=str)
+    return ", ".join(str(k) for k in keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def offline_pretrained(cls, path: str | os.PathLike, what: str, dtype: str = "float32", **kw):
+    """`cls.from_pretrained(path)` offline and strict: zero missing, unexpected or mismatched keys."""
+    p = weights_dir(path, what)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        model, info = cls.from_pretrained(p, local_files_only=True, output_loading_info=True,
+                                          ignore_mismatched_sizes=True, dtype=DTYPES[dtype], **kw)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise BenchError(f"{what}: cannot load {cls.__name__} from {p}: {str(e).strip().splitlines()[0]}") from None
+    bad = [f"{kind} {_first(info[key])}" for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                                                           ("reshaped", "mismatched_keys")) if info.get(key)]
+    if bad:
+        raise BenchError(f"{what}: {p} does not match {cls.__name__}: " + "; ".join(bad))
+    return model.eval()
+
+
+def load_tokenizer(path: Path, what: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BenchError(f"{what}: no usable tokenizer in {path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def load_image_processor(path: Path, what: str):
+    """The checkpoint's image processor (transformers falls back to its PIL version: no torchvision here)."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BenchError(f"{what}: no usable image processor (preprocessor_config.json) in {path}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+
+
+def pixel_values(processor, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, W, 3) floats in [0, 1] -> the processor's (B, 3, h, w) pixels. Images go in as uint8, the
+    form a published processor is written for (its rescale, resize and normalisation then apply as
+    published); the pixels carry no gradient (gradients are taken w.r.t. the visual tokens)."""
+    arr = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return processor(images=list(arr), return_tensors="pt")["pixel_values"].to(dtype)
+
+
+class HFTokens:
+    """A transformers tokenizer behind the interface the benchmark's code reads from `model.tok`."""
+
+    def __init__(self, tokenizer, image_id: int, answer_after: str):
+        self.hf = tokenizer
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise BenchError("the checkpoint's tokenizer defines no eos token")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.image_id = image_id
+        self.vocab_size = len(tokenizer)
+        self._after = answer_after
+        self._after_ids = tokenizer(answer_after, add_special_tokens=False).input_ids
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text` as it reads right after the template's last word (so an answer tokenizes
+        as the model reads it in context: ' cat' for a byte-level BPE, '▁cat' for SentencePiece)."""
+        ids = self.hf(f"{self._after} {text}", add_special_tokens=False).input_ids
+        if ids[:len(self._after_ids)] != self._after_ids:        # the boundary merged: tokenize alone
+            return self.hf(text, add_special_tokens=False).input_ids
+        return ids[len(self._after_ids):]
+
+    def token(self, word: str) -> int:
+        """The single id of a CP option word; a word the tokenizer splits is refused (its first piece
+        could be shared by another option)."""
+        ids = self.encode(word)
+        if len(ids) != 1:
+            raise BenchError(f"option {word!r} is {len(ids)} tokens for this tokenizer (CP needs one-token options)")
+        return ids[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.hf.decode(ids, skip_special_tokens=True).strip()
+
+
+class ChatLayout:
+    """Collation at full scale: the published template with `{prompt}`, its `<image>` placeholder
+    expanded to `n_visual` image-token ids (in the string, or before the BOS where the model wants its
+    image tokens first, as BLIP-2's processor does), left padding."""
+
+    def init_chat(self, tokenizer, template: str, n_visual: int, image_id: int, image_first: bool = False) -> None:
+        if template.count("<image>") != 1 or "{prompt}" not in template:
+            raise BenchError(f"chat template needs one <image> and a {{prompt}}: {template!r}")
+        self.template, self.n_visual, self._image_first = template, n_visual, image_first
+        self.tok = HFTokens(tokenizer, image_id, template.rstrip().split()[-1])
+        self._image_text = tokenizer.convert_ids_to_tokens(image_id)
+
+    def _chat_ids(self, prompt: str) -> list[int]:
+        text = self.template.replace("{prompt}", prompt)
+        hf = self.tok.hf
+        if self._image_first:
+            ids = [self.tok.image_id] * self.n_visual + hf(text.replace("<image>", "")).input_ids
+        else:
+            ids = hf(text.replace("<image>", self._image_text * self.n_visual)).input_ids
+        if sum(i == self.tok.image_id for i in ids) != self.n_visual:
+            raise BenchError(f"the tokenizer does not keep {self._image_text!r} as one token, or the prompt "
+                             f"contains it: {prompt!r}")
+        return ids
+
+    def _answer_ids(self, response: str, gen_length: int) -> list[int]:
+        ids = self.tok.encode(response) + [self.tok.eos_id]
+        if len(ids) > gen_length:
+            raise BenchError(f"response longer than gen_length={gen_length} tokens: {response!r}")
+        return ids + [self.tok.eos_id] * (gen_length - len(ids))
+
+    def collate(self, samples: Sequence[Sample], with_response: bool = True, gen_length: int = 32) -> Batch:
+        rows = [self._chat_ids(s.prompt) for s in samples]
+        width = max(map(len, rows))
+        ids = torch.tensor([[self.tok.pad_id] * (width - len(r)) + r for r in rows])
+        real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+        vis = torch.stack([torch.nonzero((row == self.tok.image_id) & keep).squeeze(1) for row, keep in zip(ids, real)])
+        images = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32))
+        resp = torch.tensor([self._answer_ids(s.response, gen_length) for s in samples]) if with_response else None
+        return Batch(images, ids, real, vis, resp, None)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [self.tok.decode(row.tolist()) for row in ids]
+
+
+def describe(model) -> dict:
+    """What a loaded full-scale victim holds: class, parameter counts per trainable-part module, the
+    visual-token count and the template (what `check-weights` reports)."""
+    hf = model.hf
+    return {"class": type(hf).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(hf.parameters()).dtype).removeprefix("torch."), "n_visual": model.n_visual,
+            "template": model.template, "vocab": model.tok.vocab_size}

@@ -1,0 +1,250 @@
+"""Full scale of the autoregressive victims without real weights: synthetic checkpoints in each
+published layout (written by `save_pretrained` of tiny random configs of the published classes, a
+word-level tokenizer and the published image-processor class) load offline with zero missing or
+unexpected keys, reproduce the logits of the module they were written from, run the victim contract,
+and a renamed or reshaped key exits 2 naming it."""
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import BenchError
+from tasks.base import Sample
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>", "USER:", "ASSISTANT:", "Question:", "Answer:", "what", "is", "in",
+         "the", "image", "?", "a", "cat", "dog", "red", "blue"]
+
+
+def write_tokenizer(path, extra=("<image>",)):
+    """A word-level tokenizer that adds <s> like LLaMA's and OPT's, saved in the tokenizer.json layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": list(extra)})
+    tok.save_pretrained(path)
+    return tok
+
+
+def samples(n=2, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    qs = ["what is in the image ?", "what is in image"]
+    ans = ["a cat", "red dog"]
+    return [Sample(rng.random((size, size, 3)).astype(np.float32), qs[i % 2], ans[i % 2]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    path = tmp_path_factory.mktemp("llava-1.5")
+    tok = write_tokenizer(path)
+    torch.manual_seed(0)
+    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=14)
+    txt = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vis, text_config=txt,
+                                                      image_token_index=tok.convert_tokens_to_ids("<image>"))).eval()
+    model.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory):
+    from transformers import (BlipImageProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
+                              Blip2VisionConfig, OPTConfig)
+
+    path = tmp_path_factory.mktemp("blip2-opt")
+    tok = write_tokenizer(path)
+    torch.manual_seed(0)
+    vis = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=28, patch_size=14)
+    qf = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            encoder_hidden_size=32, vocab_size=len(tok))
+    txt = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = Blip2Config(vision_config=vis.to_dict(), qformer_config=qf.to_dict(), text_config=txt.to_dict(),
+                      num_query_tokens=5, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    BlipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(path)
+    return path, model
+
+
+def build(name, path):
+    from core.registry import get
+
+    entry = get("models", name)
+    return entry.build(entry.resolve("full", {"weights": str(path), "dtype": "float32"}), None, None, 0)
+
+
+# ---- LLaVA ----------------------------------------------------------------------------------------
+def test_llava_full_loads_and_reproduces_the_published_forward(llava_dir):
+    """Our path (visual tokens scattered into inputs_embeds) gives the logits of the class's own
+    forward on input_ids + pixel_values, with the weights it was saved from."""
+    path, ref = llava_dir
+    m = build("llava", path)
+    assert type(m).__name__ == "LlavaFull" and m.n_visual == 4      # (28 / 14)^2, CLS dropped ("default")
+    for (k, v), (k2, v2) in zip(sorted(m.hf.state_dict().items()), sorted(ref.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2)
+    batch = m.collate(samples(1), gen_length=6)
+    assert batch.ids[0, 0].item() == 1 and batch.ids[0, 1].item() == m.tok.hf.convert_tokens_to_ids("USER:")
+    pixels = m.pixel_values(batch.images)
+    with torch.no_grad():
+        want = ref(input_ids=batch.ids, pixel_values=pixels, attention_mask=batch.key_mask.long()).logits[:, -1]
+        got = m.first_answer_logits(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_llava_full_contract(llava_dir):
+    """Collation (left padding), loss with gradients reaching only the projector through inputs_embeds,
+    greedy decoding, decode, CP option ids."""
+    m = build("llava", llava_dir[0])
+    batch = m.collate(samples(2), gen_length=6)
+    assert (~batch.key_mask[1, :2]).all() and batch.key_mask[0].all()               # the shorter prompt is left-padded
+    assert (batch.ids.gather(1, batch.vis_pos) == m.tok.image_id).all()
+    m.set_trainable("projector")
+    visual = m.visual_embeds(batch.images).detach().requires_grad_(True)
+    logits = m._logits(m.prompt_embeds(batch, visual), batch.key_mask).logits
+    logits[:, -1].sum().backward()
+    assert visual.grad is not None and visual.grad.abs().sum() > 0
+    loss = m.loss(batch)
+    loss.backward()
+    trained = {n.split(".")[1] for n, p in m.hf.named_parameters() if p.grad is not None}
+    assert trained == {"multi_modal_projector"}
+    out = m.generate(batch, SimpleNamespace(gen_length=4))
+    assert out.shape == (2, 4) and len(m.decode(out)) == 2
+    assert m.decode(batch.response) == ["a cat", "red dog"]
+    assert m.tok.token("cat") == m.tok.hf.convert_tokens_to_ids("cat")
+
+
+def test_llava_full_cached_decoding_matches_the_full_forward(llava_dir):
+    """Cached greedy decoding equals re-running the whole sequence each step (padding included)."""
+    m = build("llava", llava_dir[0])
+    batch = m.collate(samples(2), gen_length=6)
+    out = m.generate(batch, SimpleNamespace(gen_length=3))
+    with torch.no_grad():
+        pe, keys, toks = m.prompt_embeds(batch), batch.key_mask, []
+        for _ in range(3):
+            nxt = m._logits(pe, keys).logits[:, -1].argmax(-1)
+            toks.append(nxt)
+            pe = torch.cat([pe, m.hf.get_input_embeddings()(nxt[:, None])], dim=1)
+            keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
+    want = torch.stack(toks, 1)
+    eos = m.tok.eos_id
+    for row, ref in zip(out, want):           # equal up to the first <eos> (after it decoding writes <eos>)
+        n = int((ref == eos).nonzero()[0]) + 1 if (ref == eos).any() else len(ref)
+        assert torch.equal(row[:n], ref[:n])
+
+
+@pytest.mark.parametrize("mode", ["rename", "reshape"])
+def test_llava_mismatched_checkpoint_exits_2_naming_the_key(llava_dir, tmp_path, mode, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llava_dir[0], bad)
+    sd = load_file(bad / "model.safetensors")
+    key = "multi_modal_projector.linear_1.weight"
+    if mode == "rename":
+        sd["multi_modal_projector.linear_9.weight"] = sd.pop(key)
+    else:
+        sd[key] = sd[key][:, :-1].contiguous()
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BenchError, match="linear_9" if mode == "rename" else "reshaped .*linear_1"):
+        build("llava", bad)
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", "llava", "--scale", "full", "--model-arg", f"weights={bad}", "--model-arg",
+              "dtype=float32", "--results", str(tmp_path / "results.jsonl"), "--cache", str(tmp_path / "cache")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "bench: error: llava:" in err and "Traceback" not in err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_full_scale_refuses_what_it_cannot_load(tmp_path):
+    from core.registry import get
+
+    entry = get("models", "llava")
+    with pytest.raises(BenchError, match="not a local directory"):
+        entry.resolve("full", {"weights": "llava-hf/llava-1.5-7b-hf"})           # a hub id: no downloads
+    with pytest.raises(BenchError, match="no config.json"):
+        entry.resolve("full", {"weights": str(tmp_path)})
+    with pytest.raises(BenchError, match="needs --weights"):
+        entry.build(entry.resolve("full", {}), None, None, 0)
+    with pytest.raises(BenchError, match="dtype"):
+        entry.resolve("full", {"dtype": "int8"})
+
+
+# ---- BLIP-2 ---------------------------------------------------------------------------------------
+def test_blip2_full_loads_and_reproduces_the_published_forward(blip2_dir):
+    """Query tokens before the BOS (transformers 5's Blip2Processor layout); our inputs_embeds path gives
+    the class's own forward logits on input_ids + pixel_values."""
+    path, ref = blip2_dir
+    m = build("blip2", path)
+    assert type(m).__name__ == "Blip2Full" and m.n_visual == 5
+    batch = m.collate(samples(1), gen_length=6)
+    assert batch.ids[0, :5].tolist() == [m.tok.image_id] * 5 and batch.ids[0, 5].item() == 1
+    pixels = m.pixel_values(batch.images)
+    with torch.no_grad():
+        want = ref(input_ids=batch.ids, pixel_values=pixels, attention_mask=batch.key_mask.long()).logits[:, -1]
+        got = m.first_answer_logits(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_blip2_full_contract_and_trainable_parts(blip2_dir):
+    m = build("blip2", blip2_dir[0])
+    batch = m.collate(samples(2), gen_length=6)
+    m.set_trainable("projector")
+    m.loss(batch).backward()
+    trained = {n.split(".")[0] for n, p in m.hf.named_parameters() if p.grad is not None}
+    assert trained == {"qformer", "query_tokens", "language_projection"}
+    out = m.generate(batch, SimpleNamespace(gen_length=3))
+    assert out.shape == (2, 3)
+    assert m.phi_module() is m.hf.qformer
+
+
+def test_blip2_without_image_token_is_refused_by_name(blip2_dir, tmp_path):
+    import json
+
+    bad = tmp_path / "old-snapshot"
+    shutil.copytree(blip2_dir[0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.pop("image_token_index", None)
+    cfg["image_token_id"] = None
+    (bad / "config.json").write_text(json.dumps(cfg))
+    write_tokenizer(bad, extra=())
+    with pytest.raises(BenchError, match="image_token_index"):
+        build("blip2", bad)
+
+
+def test_blip2_mismatched_checkpoint_names_the_key(blip2_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(blip2_dir[0], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["qformer_renamed.layernorm.weight"] = sd.pop("qformer.layernorm.weight")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BenchError, match="missing .*qformer.layernorm.weight"):
+        build("blip2", bad)
+
+
+def test_bench_list_shows_full_for_every_ar_victim():
+    from core.registry import get
+
+    for name in ("llava", "blip2", "openflamingo", "otter"):
+        assert "full" in get("models", name).scales
