@@ -29,8 +29,10 @@ from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
-from models.llava import FullConfig, LLaVA, LlavaEntry, LlavaTinyConfig, full_weights, resolve_full
-from models.published import ChatLayout, describe, load_image_processor, load_tokenizer, offline_pretrained, pixel_values, weights_dir
+from models.checkpoint import WeightsReport
+from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
+from models.published import (ChatLayout, FullConfig, FullStages, full_config, inspect_pretrained, load_image_processor,
+                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, weights_dir)
 
 PARTS = {"projector": ("qformer", "query_tokens", "language_projection"),
          "projector+lm": ("qformer", "query_tokens", "language_projection", "language_model"),
@@ -106,10 +108,16 @@ class BLIP2(LLaVA):
         self.hf.query_tokens.requires_grad_("query_tokens" in on)
 
 
+def blip2_key(key: str) -> str:
+    """Published BLIP-2 keys are the transformers 5 module keys (vision_model, qformer, query_tokens,
+    language_projection, language_model.*)."""
+    return key
+
+
 BLIP2_TEMPLATE = "<image>Question: {prompt} Answer:"   # BLIP-2's VQA prompt; the query tokens come before the BOS
 
 
-class Blip2Full(ChatLayout, BLIP2):
+class Blip2Full(FullStages, ChatLayout, BLIP2):
     """A published BLIP-2 checkpoint with a decoder-only LM (Salesforce/blip2-opt-*), behind the same
     contract: its own tokenizer and image processor, `num_query_tokens` image tokens placed before the
     BOS as transformers 5's `Blip2Processor` does, the ViT's last (post-layernorm) hidden state read by
@@ -126,7 +134,7 @@ class Blip2Full(ChatLayout, BLIP2):
 
         self.cfg = cfg
         path = weights_dir(cfg.weights, "blip2")
-        self.hf = offline_pretrained(Blip2ForConditionalGeneration, path, "blip2", cfg.dtype)
+        self.hf, self.weights_report = offline_pretrained(Blip2ForConditionalGeneration, cfg, "blip2", blip2_key)
         if not self.hf.config.use_decoder_only_language_model:
             raise BenchError(f"blip2: {path} has an encoder-decoder LM ({self.hf.config.text_config.model_type}); "
                              "only decoder-only BLIP-2 checkpoints (OPT) are supported")
@@ -142,16 +150,21 @@ class Blip2Full(ChatLayout, BLIP2):
         self.init_chat(tokenizer, BLIP2_TEMPLATE, self.hf.config.num_query_tokens, image_id, image_first=True)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        return pixel_values(self.processor, images, torch.float32)
+        return pixel_values(self.processor, images)
 
     def _tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """BLIP-2 reads the ViT's last hidden state (after its post-layernorm), CLS included."""
         return self._tower()(pixel_values=pixels).last_hidden_state
 
 
+def _check_weights(path) -> WeightsReport:
+    from transformers import Blip2ForConditionalGeneration
+    return inspect_pretrained(Blip2ForConditionalGeneration, path, "blip2", blip2_key)
+
+
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        return resolve_full("blip2", overrides)
+        return resolve_full("blip2", overrides, check=_check_weights)
     if scale != "tiny":
         raise BenchError(f"unknown scale {scale!r} for blip2 (valid: tiny, full)")
     valid = {f.name for f in fields(Blip2TinyConfig)}
@@ -176,13 +189,13 @@ class Blip2Entry:
     def build(model_args: dict, tokenizer, template: str, seed: int) -> BLIP2:
         torch.manual_seed(seed)
         if "weights" in model_args:
-            return Blip2Full(full_weights("blip2", model_args))
+            return Blip2Full(full_config("blip2", model_args))
         return BLIP2(Blip2TinyConfig(**model_args), tokenizer, template)
 
     @staticmethod
-    def check_weights(path: str) -> dict:
-        """What a full-scale run would load from PATH (loads it: zero missing or unexpected keys or exit 2)."""
-        return describe(Blip2Full(FullConfig(weights=str(path), dtype="float32")))
+    def check_weights(path: str) -> WeightsReport:
+        """Headers and config only: what a full-scale run would load from PATH (the Salesforce layout)."""
+        return _check_weights(path)
 
     @staticmethod
     def train_base(model: BLIP2, task, seed: int, gen_length: int) -> dict:

@@ -36,8 +36,9 @@ from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
-from models.published import (DTYPES, ChatLayout, describe, load_image_processor, load_tokenizer,
-                              offline_pretrained, pixel_values, weights_dir)
+from models.checkpoint import WeightsReport, rename
+from models.published import (ChatLayout, FullConfig, FullStages, full_config, inspect_pretrained, load_image_processor,
+                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, weights_dir)
 from models.train import finetune
 
 PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
@@ -102,7 +103,8 @@ class LLaVA(TemplateLayout, nn.Module):
         """(B, views x tokens, d_enc): the vision tower's features of every view of every image (no
         gradient unless the tower trains)."""
         tower = self._tower()
-        pixels = self.pixel_values(images).to(next(tower.parameters()).dtype)
+        ref = next(tower.parameters())
+        pixels = self.pixel_values(images).to(ref.device, ref.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
             feats = self._tower_features(pixels)
         return feats.reshape(len(images), -1, feats.shape[-1])
@@ -186,39 +188,13 @@ class LLaVA(TemplateLayout, nn.Module):
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"     # LLaVA-1.5's published prompt (llava-hf model card)
 
 
-@dataclass(frozen=True)
-class FullConfig:
-    """`--scale full`: a local checkpoint directory (config.json, weights, tokenizer, image-processor
-    files) and the dtype it is held in."""
-
-    weights: str = ""
-    dtype: str = "bfloat16"
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise BenchError(f"model arg dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+def llava_key(key: str) -> str:
+    """Published llava-hf key -> transformers 5 module key (the class's own load-time renaming)."""
+    return rename(key, (("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
+                        ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")))
 
 
-def resolve_full(name: str, overrides: dict) -> dict:
-    """The full-scale model args of an entry: `weights` (checked when given) and `dtype`."""
-    valid = {f.name for f in fields(FullConfig)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise BenchError(f"unknown model arg(s) {sorted(unknown)} for {name} at scale full (valid: {', '.join(sorted(valid))})")
-    cfg = FullConfig(**overrides)
-    if cfg.weights:
-        weights_dir(cfg.weights, name)
-    return asdict(cfg)
-
-
-def full_weights(name: str, model_args: dict) -> FullConfig:
-    cfg = FullConfig(**model_args)
-    if not cfg.weights:
-        raise BenchError(f"scale 'full' for {name} needs --weights PATH (a local checkpoint directory)")
-    return cfg
-
-
-class LlavaFull(ChatLayout, LLaVA):
+class LlavaFull(FullStages, ChatLayout, LLaVA):
     """A published LLaVA-1.5 checkpoint (llava-hf layout: `LlavaForConditionalGeneration.save_pretrained`)
     behind the same contract: its own tokenizer and image processor, the published template, features
     at `vision_feature_layer` with `vision_feature_select_strategy`, and every method below the
@@ -230,7 +206,7 @@ class LlavaFull(ChatLayout, LLaVA):
 
         self.cfg = cfg
         path = weights_dir(cfg.weights, "llava")
-        self.hf = offline_pretrained(LlavaForConditionalGeneration, path, "llava", cfg.dtype)
+        self.hf, self.weights_report = offline_pretrained(LlavaForConditionalGeneration, cfg, "llava", llava_key)
         self.processor = load_image_processor(path, "llava")
         hc = self.hf.config
         self.feature_layer, self.drop_cls = hc.vision_feature_layer, hc.vision_feature_select_strategy == "default"
@@ -238,7 +214,7 @@ class LlavaFull(ChatLayout, LLaVA):
         self.init_chat(load_tokenizer(path, "llava"), LLAVA_TEMPLATE, grid * grid + (not self.drop_cls), hc.image_token_index)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        return pixel_values(self.processor, images, torch.float32)
+        return pixel_values(self.processor, images)
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         out = LLaVA.visual_embeds(self, images)
@@ -248,9 +224,14 @@ class LlavaFull(ChatLayout, LLaVA):
         return out
 
 
+def _check_weights(path) -> WeightsReport:
+    from transformers import LlavaForConditionalGeneration
+    return inspect_pretrained(LlavaForConditionalGeneration, path, "llava", llava_key)
+
+
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        return resolve_full("llava", overrides)
+        return resolve_full("llava", overrides, check=_check_weights)
     if scale != "tiny":
         raise BenchError(f"unknown scale {scale!r} for llava (valid: tiny, full)")
     valid = {f.name for f in fields(LlavaTinyConfig)}
@@ -277,13 +258,13 @@ class LlavaEntry:
         `weights`): the published checkpoint with its own tokenizer, processor and template."""
         torch.manual_seed(seed)
         if "weights" in model_args:
-            return LlavaFull(full_weights("llava", model_args))
+            return LlavaFull(full_config("llava", model_args))
         return LLaVA(LlavaTinyConfig(**model_args), tokenizer, template)
 
     @staticmethod
-    def check_weights(path: str) -> dict:
-        """What a full-scale run would load from PATH (loads it: zero missing or unexpected keys or exit 2)."""
-        return describe(LlavaFull(FullConfig(weights=str(path), dtype="float32")))
+    def check_weights(path: str) -> WeightsReport:
+        """Headers and config only: what a full-scale run would load from PATH (the llava-hf layout)."""
+        return _check_weights(path)
 
     @staticmethod
     def train_base(model: LLaVA, task, seed: int, gen_length: int) -> dict:

@@ -16,6 +16,7 @@ collation (embedding, loss, decoding, CP scoring) is the same code at both scale
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +25,67 @@ import torch
 
 from core.errors import BenchError
 from models.base import Batch
+from models.checkpoint import WeightsReport, checkpoint_hash, inspect_checkpoint, module_shapes, read_header
 from tasks.base import Sample
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """`--scale full` model args of a transformers-class victim: ``weights`` the local checkpoint
+    directory, ``checkpoint`` its hash (filled at spec time so every record pins it), ``dtype`` and
+    ``device`` ('auto': accelerate's device; bfloat16 on a bf16-capable GPU, else float32)."""
+
+    weights: str = ""
+    checkpoint: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise BenchError(f"model arg dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """(device, dtype) names: 'auto' device is accelerate's (cuda when present, else cpu); 'auto' dtype
+    is bfloat16 where the device supports it, float32 on CPU."""
+    if device == "auto":
+        from accelerate import PartialState
+        device = str(PartialState().device)
+    dev = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return str(dev), dtype
+
+
+def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash) -> dict:
+    """The full-scale model args of an entry; with `weights` given, the directory is checked (`check`:
+    the entry's header-only `check_weights`, so a mismatched checkpoint is refused before any work)
+    and its hash filled in (a stale `checkpoint` hash is refused: the weights changed under the spec)."""
+    valid = {f.name for f in fields(FullConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise BenchError(f"unknown model arg(s) {sorted(unknown)} for {name} at scale full "
+                         f"(valid: {', '.join(sorted(valid))})")
+    cfg = FullConfig(**overrides)
+    if cfg.weights:
+        if check is not None:
+            report = check(weights_dir(cfg.weights, name))
+            if not report.ok:
+                raise BenchError(f"{name}: " + report.error())
+        digest = hash_fn(weights_dir(cfg.weights, name))
+        if cfg.checkpoint and cfg.checkpoint != digest:
+            raise BenchError(f"{name}: {cfg.weights} hashes to {digest[:12]}, the spec pins {cfg.checkpoint[:12]}")
+        cfg = replace(cfg, checkpoint=digest)
+    return asdict(cfg)
+
+
+def full_config(name: str, model_args: dict) -> FullConfig:
+    cfg = FullConfig(**model_args)
+    if not cfg.weights:
+        raise BenchError(f"scale 'full' for {name} needs --weights PATH (a local checkpoint directory)")
+    return cfg
 
 
 def weights_dir(path: str | os.PathLike, what: str) -> Path:
@@ -45,20 +104,61 @@ def _first(keys, n: int = 3) -> str:
     return ", ".join(str(k) for k in keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def offline_pretrained(cls, path: str | os.PathLike, what: str, dtype: str = "float32", **kw):
-    """`cls.from_pretrained(path)` offline and strict: zero missing, unexpected or mismatched keys."""
+def meta_pretrained(cls, path: Path):
+    """`cls` built from the directory's config.json on the meta device: its shapes at no memory cost."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BenchError(f"{path}/config.json: not a transformers config ({str(e).strip().splitlines()[0]})") from None
+    with torch.device("meta"):
+        return cls(config)
+
+
+def inspect_pretrained(cls, path: str | os.PathLike, what: str, key_map) -> WeightsReport:
+    """Headers and config only (`models.checkpoint`): whether every stored key maps one to one, with
+    equal shape, onto `cls` built from the config. Tied parameters (one tensor under two names, e.g.
+    OPT's lm_head and embed_tokens) count once: a name the checkpoint omits is dropped when another
+    name of its tied group is stored."""
     p = weights_dir(path, what)
+    model = meta_pretrained(cls, p)
+    shapes = module_shapes(model)
+    stored = {key_map(k) for k in read_header(p)}
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for names in groups.values():
+        if len(names) > 1 and any(n in stored for n in names):
+            for n in names:
+                if n not in stored:
+                    shapes.pop(n, None)
+    report = inspect_checkpoint(p, shapes, key_map)
+    report.hash = checkpoint_hash(p)
+    return report
+
+
+def offline_pretrained(cls, cfg: FullConfig, what: str, key_map):
+    """`cls.from_pretrained(weights)` offline (`HF_HUB_OFFLINE=1`, `local_files_only`) after the strict
+    header check (BenchError naming the first mismatches, before any tensor is read); transformers'
+    own loading report is checked as well (it re-initialises what it cannot fill, and only warns).
+    Returns (model in eval mode on the resolved device and dtype, WeightsReport)."""
+    p = weights_dir(cfg.weights, what)
+    report = inspect_pretrained(cls, p, what, key_map)
+    if not report.ok:
+        raise BenchError(f"{what}: " + report.error())
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         model, info = cls.from_pretrained(p, local_files_only=True, output_loading_info=True,
-                                          ignore_mismatched_sizes=True, dtype=DTYPES[dtype], **kw)
+                                          ignore_mismatched_sizes=True, dtype=getattr(torch, dtype))
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise BenchError(f"{what}: cannot load {cls.__name__} from {p}: {str(e).strip().splitlines()[0]}") from None
     bad = [f"{kind} {_first(info[key])}" for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
                                                            ("reshaped", "mismatched_keys")) if info.get(key)]
     if bad:
         raise BenchError(f"{what}: {p} does not match {cls.__name__}: " + "; ".join(bad))
-    return model.eval()
+    report.loaded_dtype, report.device = dtype, device
+    return model.to(device).eval(), report
 
 
 def load_tokenizer(path: Path, what: str):
@@ -79,12 +179,12 @@ def load_image_processor(path: Path, what: str):
                          f"{str(e).strip().splitlines()[0]}") from None
 
 
-def pixel_values(processor, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def pixel_values(processor, images: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) floats in [0, 1] -> the processor's (B, 3, h, w) pixels. Images go in as uint8, the
     form a published processor is written for (its rescale, resize and normalisation then apply as
     published); the pixels carry no gradient (gradients are taken w.r.t. the visual tokens)."""
     arr = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return processor(images=list(arr), return_tensors="pt")["pixel_values"].to(dtype)
+    return processor(images=list(arr), return_tensors="pt")["pixel_values"]
 
 
 class HFTokens:
@@ -163,16 +263,30 @@ class ChatLayout:
         vis = torch.stack([torch.nonzero((row == self.tok.image_id) & keep).squeeze(1) for row, keep in zip(ids, real)])
         images = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32))
         resp = torch.tensor([self._answer_ids(s.response, gen_length) for s in samples]) if with_response else None
-        return Batch(images, ids, real, vis, resp, None)
+        dev = self.hf.get_input_embeddings().weight.device        # the images stay on the CPU (the processor reads them)
+        return Batch(images, ids.to(dev), real.to(dev), vis.to(dev), None if resp is None else resp.to(dev), None)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tok.decode(row.tolist()) for row in ids]
 
 
-def describe(model) -> dict:
-    """What a loaded full-scale victim holds: class, parameter counts per trainable-part module, the
-    visual-token count and the template (what `check-weights` reports)."""
-    hf = model.hf
-    return {"class": type(hf).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": str(next(hf.parameters()).dtype).removeprefix("torch."), "n_visual": model.n_visual,
-            "template": model.template, "vocab": model.tok.vocab_size}
+
+class FullStages:
+    """A full-scale victim's stages store what trained plus the checkpoint's hash, never a copy of the
+    published weights; loading refuses a stage trained on other weights."""
+
+    def stage_state(self) -> dict:
+        return {"checkpoint": self.cfg.checkpoint,
+                "trained": {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}}
+
+    def load_stage_state(self, state: dict) -> None:
+        if state.get("checkpoint") != self.cfg.checkpoint:
+            raise BenchError(f"cached stage was trained on checkpoint {str(state.get('checkpoint'))[:12]}, "
+                             f"this model is {self.cfg.checkpoint[:12]}")
+        own = dict(self.named_parameters())
+        unknown = sorted(set(state["trained"]) - set(own))
+        if unknown:
+            raise BenchError(f"cached stage holds parameters this model lacks: {_first(unknown)}")
+        with torch.no_grad():
+            for n, t in state["trained"].items():
+                own[n].copy_(t.to(own[n].device, own[n].dtype))

@@ -162,17 +162,17 @@ def test_llava_mismatched_checkpoint_exits_2_naming_the_key(llava_dir, tmp_path,
     else:
         sd[key] = sd[key][:, :-1].contiguous()
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(BenchError, match="linear_9" if mode == "rename" else "reshaped .*linear_1"):
+    with pytest.raises(BenchError, match="unexpected .*linear_9" if mode == "rename" else "shape mismatch.*linear_1"):
         build("llava", bad)
     from bench.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["run", "--model", "llava", "--scale", "full", "--model-arg", f"weights={bad}", "--model-arg",
-              "dtype=float32", "--results", str(tmp_path / "results.jsonl"), "--cache", str(tmp_path / "cache")])
+              "dtype=float32", "--defense", "crossview", "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "bench: error: llava:" in err and "Traceback" not in err
-    assert not (tmp_path / "results.jsonl").exists()
+    assert not (tmp_path / "results" / "records.jsonl").exists()
 
 
 def test_full_scale_refuses_what_it_cannot_load(tmp_path):
