@@ -16,6 +16,7 @@ collation (embedding, loss, decoding, CP scoring) is the same code at both scale
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +26,7 @@ import torch
 
 from core.errors import BenchError
 from models.base import Batch
-from models.checkpoint import WeightsReport, checkpoint_hash, inspect_checkpoint, module_shapes, read_header
+from models.checkpoint import WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header
 from tasks.base import Sample
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,7 +60,7 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]
     return str(dev), dtype
 
 
-def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash) -> dict:
+def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash, need_config: bool = True) -> dict:
     """The full-scale model args of an entry; with `weights` given, the directory is checked (`check`:
     the entry's header-only `check_weights`, so a mismatched checkpoint is refused before any work)
     and its hash filled in (a stale `checkpoint` hash is refused: the weights changed under the spec)."""
@@ -70,11 +71,12 @@ def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash
                          f"(valid: {', '.join(sorted(valid))})")
     cfg = FullConfig(**overrides)
     if cfg.weights:
+        path = weights_dir(cfg.weights, name, need_config)
         if check is not None:
-            report = check(weights_dir(cfg.weights, name))
+            report = check(path)
             if not report.ok:
                 raise BenchError(f"{name}: " + report.error())
-        digest = hash_fn(weights_dir(cfg.weights, name))
+        digest = hash_fn(path)
         if cfg.checkpoint and cfg.checkpoint != digest:
             raise BenchError(f"{name}: {cfg.weights} hashes to {digest[:12]}, the spec pins {cfg.checkpoint[:12]}")
         cfg = replace(cfg, checkpoint=digest)
@@ -88,13 +90,13 @@ def full_config(name: str, model_args: dict) -> FullConfig:
     return cfg
 
 
-def weights_dir(path: str | os.PathLike, what: str) -> Path:
+def weights_dir(path: str | os.PathLike, what: str, need_config: bool = True) -> Path:
     """The local directory a full-scale victim reads; a hub id or a missing path is refused (no downloads)."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise BenchError(f"{what}: {path} is not a local directory (full scale reads local files only; "
                          "download the checkpoint first)")
-    if not (p / "config.json").is_file():
+    if need_config and not (p / "config.json").is_file():
         raise BenchError(f"{what}: {p} has no config.json (expected a save_pretrained directory)")
     return p
 
@@ -105,25 +107,23 @@ def _first(keys, n: int = 3) -> str:
 
 
 def meta_pretrained(cls, path: Path):
-    """`cls` built from the directory's config.json on the meta device: its shapes at no memory cost."""
+    """`cls` built from the directory's config.json on the meta device: its shapes at no memory cost
+    (an Auto class through `from_config`; a vision class reads its part of a composite config)."""
     from transformers import AutoConfig
+    auto = cls.__name__.startswith("Auto")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = (AutoConfig if auto else cls.config_class).from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise BenchError(f"{path}/config.json: not a transformers config ({str(e).strip().splitlines()[0]})") from None
+        raise BenchError(f"{path}/config.json: not a {cls.__name__} config ({str(e).strip().splitlines()[0]})") from None
     with torch.device("meta"):
-        return cls(config)
+        return cls.from_config(config) if auto else cls(config)
 
 
-def inspect_pretrained(cls, path: str | os.PathLike, what: str, key_map) -> WeightsReport:
-    """Headers and config only (`models.checkpoint`): whether every stored key maps one to one, with
-    equal shape, onto `cls` built from the config. Tied parameters (one tensor under two names, e.g.
-    OPT's lm_head and embed_tokens) count once: a name the checkpoint omits is dropped when another
-    name of its tied group is stored."""
-    p = weights_dir(path, what)
-    model = meta_pretrained(cls, p)
+def tied_shapes(model: torch.nn.Module, stored: set[str]) -> dict[str, tuple]:
+    """`module_shapes(model)` with tied parameters (one tensor under two names, e.g. OPT's lm_head and
+    embed_tokens) counted once: a name the checkpoint omits is dropped when another name of its tied
+    group is stored."""
     shapes = module_shapes(model)
-    stored = {key_map(k) for k in read_header(p)}
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
@@ -132,18 +132,33 @@ def inspect_pretrained(cls, path: str | os.PathLike, what: str, key_map) -> Weig
             for n in names:
                 if n not in stored:
                     shapes.pop(n, None)
-    report = inspect_checkpoint(p, shapes, key_map)
-    report.hash = checkpoint_hash(p)
+    return shapes
+
+
+def inspect_pretrained(cls, path: str | os.PathLike, what: str, key_map, drop: tuple[str, ...] = ()) -> WeightsReport:
+    """Headers and config only (`models.checkpoint`): whether every stored key maps one to one, with
+    equal shape, onto `cls` built from the config. Stored keys under a `drop` prefix are parts the
+    victim does not use by design (CLIP's text tower beside its vision tower) and are left out."""
+    p = weights_dir(path, what)
+    model = meta_pretrained(cls, p)
+    infos = {k: i for k, i in read_header(p).items() if not k.startswith(drop)}
+    shapes = tied_shapes(model, {key_map(k) for k in infos})
+    match = match_keys({k: i.shape for k, i in infos.items()}, shapes, key_map)
+    report = WeightsReport(path=str(p), n_tensors=len(infos), n_params=sum(i.numel for i in infos.values()),
+                           total_bytes=sum(i.nbytes for i in infos.values()),
+                           dtypes=dict(Counter(i.dtype for i in infos.values())),
+                           modules=dict(Counter(k.split(".")[0] for k in match.mapping.values())), match=match,
+                           config=read_config(p), hash=checkpoint_hash(p))
     return report
 
 
-def offline_pretrained(cls, cfg: FullConfig, what: str, key_map):
+def offline_pretrained(cls, cfg: FullConfig, what: str, key_map, drop: tuple[str, ...] = ()):
     """`cls.from_pretrained(weights)` offline (`HF_HUB_OFFLINE=1`, `local_files_only`) after the strict
     header check (BenchError naming the first mismatches, before any tensor is read); transformers'
     own loading report is checked as well (it re-initialises what it cannot fill, and only warns).
     Returns (model in eval mode on the resolved device and dtype, WeightsReport)."""
     p = weights_dir(cfg.weights, what)
-    report = inspect_pretrained(cls, p, what, key_map)
+    report = inspect_pretrained(cls, p, what, key_map, drop)
     if not report.ok:
         raise BenchError(f"{what}: " + report.error())
     device, dtype = resolve_device(cfg.device, cfg.dtype)
@@ -153,6 +168,7 @@ def offline_pretrained(cls, cfg: FullConfig, what: str, key_map):
                                           ignore_mismatched_sizes=True, dtype=getattr(torch, dtype))
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise BenchError(f"{what}: cannot load {cls.__name__} from {p}: {str(e).strip().splitlines()[0]}") from None
+    info["unexpected_keys"] = {k for k in info.get("unexpected_keys", ()) if not str(k).startswith(drop)}
     bad = [f"{kind} {_first(info[key])}" for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
                                                            ("reshaped", "mismatched_keys")) if info.get(key)]
     if bad:
@@ -190,10 +206,10 @@ def pixel_values(processor, images: torch.Tensor) -> torch.Tensor:
 class HFTokens:
     """A transformers tokenizer behind the interface the benchmark's code reads from `model.tok`."""
 
-    def __init__(self, tokenizer, image_id: int, answer_after: str):
+    def __init__(self, tokenizer, image_id: int, answer_after: str, eos_id: int | None = None):
         self.hf = tokenizer
         self.bos_id = tokenizer.bos_token_id
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
         if self.eos_id is None:
             raise BenchError("the checkpoint's tokenizer defines no eos token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -230,11 +246,13 @@ class ChatLayout:
     expanded to `n_visual` image-token ids (in the string, or before the BOS where the model wants its
     image tokens first, as BLIP-2's processor does), left padding."""
 
-    def init_chat(self, tokenizer, template: str, n_visual: int, image_id: int, image_first: bool = False) -> None:
+    def init_chat(self, tokenizer, template: str, n_visual: int, image_id: int, image_first: bool = False,
+                  eos_id: int | None = None) -> None:
+        """`eos_id`: the token that ends an answer when it is not the tokenizer's eos (Flamingo's <|endofchunk|>)."""
         if template.count("<image>") != 1 or "{prompt}" not in template:
             raise BenchError(f"chat template needs one <image> and a {{prompt}}: {template!r}")
         self.template, self.n_visual, self._image_first = template, n_visual, image_first
-        self.tok = HFTokens(tokenizer, image_id, template.rstrip().split()[-1])
+        self.tok = HFTokens(tokenizer, image_id, template.rstrip().split()[-1], eos_id)
         self._image_text = tokenizer.convert_ids_to_tokens(image_id)
 
     def _chat_ids(self, prompt: str) -> list[int]:

@@ -248,3 +248,137 @@ def test_bench_list_shows_full_for_every_ar_victim():
 
     for name in ("llava", "blip2", "openflamingo", "otter"):
         assert "full" in get("models", name).scales
+
+
+# ---- OpenFlamingo / Otter -------------------------------------------------------------------------
+def flamingo_source(flavour, tok_path, vision, lm, processor):
+    """Our Flamingo around a tiny CLIP tower and LLaMA (embeddings resized for the repo's added tokens),
+    with open gates and random connector weights: the module a synthetic checkpoint is written from."""
+    from models.flamingo_published import SPECIALS, TEMPLATES, FlamingoFull, _tokenizer
+
+    tok = _tokenizer(tok_path, flavour, flavour)
+    src = FlamingoFull.__new__(FlamingoFull)
+    torch.nn.Module.__init__(src)
+    src.layers_attr, src.processor, src.flavour = "model.layers", processor, flavour
+    FlamingoFull._resize(lm, len(tok))
+    src.assemble(vision, lambda: lm, 32, 32, depth=2, num_latents=4, dim_head=8, heads=8, xattn_every=1)
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                p.fill_(0.7)
+    src.init_chat(tok, TEMPLATES[flavour], 1, tok.convert_tokens_to_ids("<image>"),
+                  eos_id=tok.convert_tokens_to_ids(SPECIALS[flavour][0]))
+    return src.eval()
+
+
+def tiny_parts(path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    tok = write_tokenizer(path, extra=())
+    torch.manual_seed(1)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, image_size=28, patch_size=14)).eval()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2,
+                                      pad_token_id=3)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return vision, lm, processor
+
+
+@pytest.fixture(scope="module")
+def openflamingo_dir(tmp_path_factory):
+    """The published OpenFlamingo layout: checkpoint.pt (perceiver, gated blocks, embeddings only) beside
+    vision/ (CLIPVisionModel) and lm/ (a causal LM and its tokenizer)."""
+    root = tmp_path_factory.mktemp("openflamingo")
+    vision, lm, processor = tiny_parts(root / "lm")
+    vision.save_pretrained(root / "vision")
+    processor.save_pretrained(root / "vision")
+    lm.save_pretrained(root / "lm")
+    src = flamingo_source("openflamingo", root / "lm", vision, lm, processor)
+    keep = {k: v for k, v in src.state_dict().items()
+            if k.startswith("perceiver.") or ".gated_cross_attn_layer." in k or k == "lang_encoder.model.embed_tokens.weight"}
+    torch.save(keep, root / "checkpoint.pt")
+    return root, src
+
+
+@pytest.fixture(scope="module")
+def otter_dir(tmp_path_factory):
+    """Otter's published layout: one directory, config.json with vision/text configs, the whole model's
+    weights under Otter's names (its rename table applied), the base tokenizer beside them."""
+    import json
+
+    from models.checkpoint import write_checkpoint
+    from models.flamingo_published import otter_name
+
+    root = tmp_path_factory.mktemp("otter")
+    vision, lm, processor = tiny_parts(root)
+    processor.save_pretrained(root)
+    src = flamingo_source("otter", root, vision, lm, processor)
+    config = {"model_type": "otter", "cross_attn_every_n_layers": 1, "vision_config": vision.config.to_dict(),
+              "text_config": {**lm.config.to_dict(), "vocab_size": len(src.tok.hf)}}
+    write_checkpoint(root, {otter_name(k): v for k, v in src.state_dict().items()}, config, shard_bytes=40_000)
+    (root / "config.json").write_text(json.dumps(config))
+    return root, src
+
+
+@pytest.mark.parametrize("flavour", ["openflamingo", "otter"])
+def test_flamingo_full_loads_its_published_layout_and_reproduces_the_logits(flavour, openflamingo_dir, otter_dir):
+    root, src = openflamingo_dir if flavour == "openflamingo" else otter_dir
+    m = build(flavour, root)
+    assert type(m).__name__ == "FlamingoFull" and m.weights_report.ok
+    got_sd, want_sd = m.state_dict(), src.state_dict()
+    assert set(got_sd) == set(want_sd) and all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
+    batch = m.collate(samples(2), gen_length=6)
+    assert (batch.ids.gather(1, batch.vis_pos) == m.tok.image_id).all()
+    with torch.no_grad():
+        got, want = m.first_answer_logits(batch), src.first_answer_logits(batch)
+        blind = m.first_answer_logits(batch, torch.ones(2, 1, dtype=torch.bool))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, blind, atol=1e-4)          # the open gates make the image matter
+    m.set_trainable("projector")
+    m.loss(batch).backward()
+    trained = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith("perceiver.") or ".gated_cross_attn_layer." in n for n in trained)
+    out = m.generate(batch, SimpleNamespace(gen_length=3))
+    assert out.shape == (2, 3) and m.tok.eos_id == m.tok.hf.convert_tokens_to_ids("<|endofchunk|>")
+
+
+def test_otter_rename_table_is_its_published_names():
+    from models.flamingo_published import otter_key, otter_name
+
+    pairs = {"perceiver.layers.3.to_kv.weight": "perceiver.layers.3.0.to_kv.weight",
+             "perceiver.layers.0.feed_forward.3.weight": "perceiver.layers.0.1.3.weight",
+             "lang_encoder.transformer.blocks.7.gated_cross_attn_layer.feed_forward.1.weight":
+                 "lang_encoder.transformer.blocks.7.gated_cross_attn_layer.ff.1.weight",
+             "lang_encoder.model.layers.0.gated_cross_attn_layer.ff_gate": "lang_encoder.model.layers.0.gated_cross_attn_layer.ff_gate",
+             "perceiver.latents": "perceiver.latents", "vision_encoder.vision_model.post_layernorm.weight":
+                 "vision_encoder.vision_model.post_layernorm.weight"}
+    for otter, ours in pairs.items():
+        assert otter_key(otter) == ours and otter_name(ours) == otter
+
+
+def test_openflamingo_mismatched_checkpoint_exits_2_naming_the_key(openflamingo_dir, tmp_path):
+    root = tmp_path / "of"
+    shutil.copytree(openflamingo_dir[0], root)
+    state = torch.load(root / "checkpoint.pt")
+    state["perceiver.layers.1.0.to_qq.weight"] = state.pop("perceiver.layers.1.0.to_q.weight")
+    torch.save(state, root / "checkpoint.pt")
+    with pytest.raises(BenchError, match=r"missing .*perceiver\.layers\.1\.0\.to_q\.weight.*unexpected .*to_qq"):
+        build("openflamingo", root)
+
+
+def test_otter_mismatched_checkpoint_exits_2_naming_the_key(otter_dir, tmp_path):
+    from models.checkpoint import read_config, write_checkpoint
+    from safetensors.torch import load_file
+
+    root = tmp_path / "otter"
+    shutil.copytree(otter_dir[0], root)
+    tensors = {}
+    for f in sorted(root.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    key = "perceiver.layers.0.feed_forward.1.weight"
+    tensors[key] = tensors[key][:-1].contiguous()
+    write_checkpoint(root, tensors, read_config(root))
+    with pytest.raises(BenchError, match=r"shape mismatch: perceiver\.layers\.0\.feed_forward\.1\.weight"):
+        build("otter", root)
