@@ -74,6 +74,8 @@ def cli() -> None:
 CELL_OPTIONS = [
     click.option("--model", default="llada-v", show_default=True, help="victim model (bench list)"),
     click.option("--scale", default="tiny", show_default=True, help="tiny (embedded replica) | full (checkpoints)"),
+    click.option("--weights", default=None, type=click.Path(),
+                 help="the published checkpoint directory (--scale full; check it first: bench check-weights)"),
     click.option("--task", default="synthetic", show_default=True),
     click.option("--attack", default="badnets", show_default=True, help="trigger (bench list)"),
     click.option("--target", default="insertion", show_default=True, help="insertion | refusal | misclassification | keyword"),
@@ -110,7 +112,7 @@ def cell_options(f):
 
 def _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps,
                gen_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg,
-               defense_args: dict | None = None):
+               defense_args: dict | None = None, weights: str | None = None):
     from core import registry
     from bench.pipeline import make_spec, task_defaults
     from core.params import coerce_params
@@ -119,7 +121,10 @@ def _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, t
     decoding = {k: v for k, v in dict(steps=steps, gen_length=gen_length, block_length=block_length,
                                       remasking=remasking).items() if v is not None}
     entry = registry.get("models", model)
-    m_args = coerce_params(_pairs(model_arg, "--model-arg"), entry.resolve(scale, {}), "model")
+    if weights is not None and scale != "full":
+        raise BenchError(f"--weights is for --scale full (got --scale {scale})")
+    given = {"weights": weights} if weights is not None else {}
+    m_args = {**coerce_params(_pairs(model_arg, "--model-arg"), entry.resolve(scale, given), "model"), **given}
     t_args = coerce_params(_pairs(task_arg, "--task-arg"), task_defaults(registry.get("tasks", task)), "task")
     return make_spec(model=model, scale=scale, task=task, attack=attack, target=target, defense=defense, seed=seed,
                      poison_rate=poison_rate, trainable=trainable, recipe=recipe, decoding=decoding, model_args=m_args,
@@ -130,7 +135,7 @@ def _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, t
 
 @cli.command()
 @cell_options
-def run(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps, gen_length,
+def run(model, scale, weights, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps, gen_length,
         block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg, results, cache) -> None:
     """Run one cell (training what it needs) and print the DiSP Table 1 layout for it."""
     import torch
@@ -141,7 +146,8 @@ def run(model, scale, task, attack, target, defense, poison_rate, seed, trainabl
 
     torch.set_num_threads(_threads())
     spec = _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps,
-                      gen_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg)
+                      gen_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg,
+                      weights=weights)
     recs = run_cell(spec, Path(results), ArtifactCache(Path(cache) if cache else None), log=lambda m: click.echo(m, err=True))
     df = tables.table1(recs, spec.model, spec.attack, [spec.target])
     click.echo(f"\n{spec.model} ({spec.scale}) · {spec.attack} · target {spec.target} · poison {spec.poison_rate:g} · "
@@ -216,6 +222,25 @@ def grid(grid_file, workers, threads, seeds, results, cache) -> None:
                    log=lambda m: click.echo(m, err=True))
     click.echo(f"{g.name}: {out['recorded']} cells recorded, {out['skipped']} already there, "
                f"{out['stages']} stages computed -> {Path(results) / 'records.jsonl'}")
+
+
+@cli.command(name="check-weights")
+@click.option("--model", required=True, help="victim model with a full scale (llada-v, lavida)")
+@click.argument("path", type=click.Path())
+def check_weights(model, path) -> None:
+    """Read only PATH's safetensors headers and config.json and report what `bench run --scale full
+    --weights PATH` would load: tensor count, dtypes, size, the modules filled and the first
+    mismatches (missing / unexpected / shape; exit 2 on any). No tensor data is read."""
+    from core import registry
+
+    entry = registry.get("models", model)
+    fn = getattr(entry, "check_weights", None)
+    if fn is None:
+        raise BenchError(f"model {model} has no full-scale loader (scales: {', '.join(entry.scales)})")
+    report = fn(path)
+    click.echo(report.summary())
+    if not report.ok:
+        raise BenchError(report.error())
 
 
 @cli.command(name="list")

@@ -49,6 +49,18 @@ STAGE_LABEL = {"base": "base model (encoder MIM + LM)", "clean": "clean fine-tun
 EXPECTED_S = {"base": 254.0, "clean": 58.0, "trigger": 5.0, "backdoored": 59.0, "defended": 51.0, "evaluated": 11.0}
 
 
+def stage_state(model) -> dict:
+    """What a model stage stores: the whole state dict (tiny), or a full-scale model's trained parts plus
+    its checkpoint's hash (``stage_state()``), never a copy of the published weights."""
+    fn = getattr(model, "stage_state", None)
+    return fn() if fn is not None else model.state_dict()
+
+
+def load_state(model, state: dict) -> None:
+    fn = getattr(model, "load_stage_state", None)
+    fn(state) if fn is not None else model.load_state_dict(state)
+
+
 def task_defaults(task_cls) -> dict:
     return {k: v.default for k, v in inspect.signature(task_cls).parameters.items()
             if k != "seed" and v.default is not inspect.Parameter.empty}
@@ -81,6 +93,8 @@ def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = 
     task_cls = get("tasks", task)
     t_args = task_defaults(task_cls)
     t_args.update(coerce_params(task_args or {}, t_args, "task"))
+    if trainable is None and scale == "full":
+        trainable = "projector"          # full scale trains the projector only (the DiSP paper's recipe)
     kw = dict(model=model, scale=scale, trainable=trainable or RunSpec.trainable, task=task, attack=attack, target=target, poison_rate=poison_rate,
               defense=defense, seed=seed,
               model_args=freeze(entry.resolve(scale, model_args or {})), task_args=freeze(t_args),
@@ -138,6 +152,9 @@ class Cell:
         self.task = get("tasks", spec.task)(seed=spec.seed, **spec.args("task"))
         self.tok = self.task.tokenizer()
         self.entry = get("models", spec.model)
+        # the tokenizer the model reads text with: the checkpoint's at full scale, else the task's
+        hook = getattr(self.entry, "text_tokenizer", None)
+        self.text_tok = (hook(spec.args("model")) if hook else None) or self.tok
         self.trigger = get("attacks", spec.attack)(**spec.args("attack"))
         self.target = get("targets", spec.target)(**spec.args("target"))
         self.defense = get("defenses", spec.defense)(**spec.args("defense"))
@@ -155,6 +172,8 @@ class Cell:
         """Everything that can fail without training fails here, as one line: the victim's capabilities
         against the defense's needs, the target against the task, the words an attack adds against the
         vocabulary, and the sample counts poisoning needs."""
+        if self.spec.scale == "full" and self.spec.trainable != "projector":
+            raise BenchError(f"at scale full only the projector trains (got --trainable {self.spec.trainable})")
         has = tuple(getattr(self.entry, "capabilities", ()))
         missing = [c for c in getattr(self.defense, "requires", ()) if c not in has]
         if missing:
@@ -174,8 +193,8 @@ class Cell:
         pool = self.pool()
         eligible, _, _ = poison_counts(pool, self.trigger, self.target, self.spec.poison_rate)
         responses = [x.response for x in self.task.base_samples() + pool] + [self.target.rewrite(pool[i]) for i in eligible]
-        longest = max(len(self.tok.encode(r)) for r in responses)
-        if longest + 1 > self.spec.decoding.gen_length:      # every answer ends with <eos>
+        longest = max(len(self.text_tok.encode(r)) for r in responses)
+        if longest + 1 > self.spec.decoding.gen_length:      # every answer ends with <eos> (<|eot_id|> at full scale)
             raise BenchError(f"gen_length {self.spec.decoding.gen_length} cannot hold the longest training response "
                              f"({longest} tokens + <eos>); use --gen-length {longest + 1} or more")
 
@@ -232,7 +251,7 @@ class Cell:
 
     def model_from(self, state: dict):
         m = self.fresh_model()
-        m.load_state_dict(state)
+        load_state(m, state)
         m.requires_grad_(False)
         return m.eval()
 
@@ -251,14 +270,14 @@ class Cell:
         def compute():
             m = self.fresh_model()
             info = self.entry.train_base(m, self.task, self.spec.seed, self.spec.decoding.gen_length)
-            return {"state": m.state_dict(), "info": info}
+            return {"state": stage_state(m), "info": info}
         return self._stage("base", self.keys["base"], compute)
 
     def clean(self) -> dict:
         def compute():
             m = self.model_from(self.base()["state"])
             losses = self.finetune(m, self.pool(), desc="clean fine-tune")
-            return {"state": m.state_dict(), "info": {"final_loss": losses[-1]}}
+            return {"state": stage_state(m), "info": {"final_loss": losses[-1]}}
         return self._stage("clean", self.keys["clean"], compute)
 
     def fitted_trigger(self):
@@ -274,7 +293,7 @@ class Cell:
         def compute():
             m = self.model_from(self.base()["state"])
             losses = self.finetune(m, self.poisoned_pool(), desc="backdoor fine-tune")
-            return {"state": m.state_dict(), "info": {"final_loss": losses[-1]}}
+            return {"state": stage_state(m), "info": {"final_loss": losses[-1]}}
         return self._stage("backdoored", self.keys["backdoored"], compute)
 
     def defender_spec(self) -> DefenderSpec:
@@ -321,7 +340,7 @@ class Cell:
             else:
                 m = self.defense.purify(self.model_from(self.backdoored()["state"]), data, ctx)
                 info = dict(self.defense.report)
-            return {"state": m.state_dict(), "info": info, **out}
+            return {"state": stage_state(m), "info": info, **out}
         return self._stage("defended", self.keys["defended"], compute)
 
     def _kept(self, pool: list, data: list, kept: list) -> list:

@@ -74,7 +74,7 @@ def saliency(model, batch: Batch, block_length: int, gen_length: int, n_probes: 
         vis_rep = vis_rep.clone().requires_grad_(True)
         z, _ = _first_block_topk(model, b, vis_rep, block_length, gen_length, top_k)
         sp = torch.softmax(z.detach(), -1).sqrt()
-        y = torch.randn(z.shape, generator=generator)
+        y = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)   # drawn on the CPU stream at any scale
         q = sp * (y - (y * sp).sum(-1, keepdim=True) * sp)
         (g,) = torch.autograd.grad((q * z).sum(), vis_rep)
         return (g * delta.repeat(rep, 1, 1)).sum(-1)                       # (rep*B, T)
@@ -84,7 +84,7 @@ def saliency(model, batch: Batch, block_length: int, gen_length: int, n_probes: 
         proj = probe_grads(n_probes, visual[idx], batch[idx]).view(n_probes, B, -1)
     else:
         proj = torch.stack([probe_grads(1, visual, batch) for _ in range(n_probes)])
-    return 0.5 * proj.pow(2).mean(0)
+    return (0.5 * proj.float().pow(2).mean(0)).cpu()
 
 
 def exact_saliency(model, batch: Batch, block_length: int, gen_length: int, top_k: int = 5) -> torch.Tensor:

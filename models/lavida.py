@@ -68,7 +68,7 @@ def pool_views(tokens: torch.Tensor, n_views: int, pool_side: int) -> torch.Tens
 def shifted_transfer_counts(n_masked: torch.Tensor, steps: int, shift: float) -> torch.Tensor:
     """Tokens committed at each of `steps` steps: time runs 1 -> 0 evenly and the masked share after
     time t is sigma(t) = s t / (1 + (s - 1) t) (LaViDa's shift schedule); counts sum to n_masked."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=n_masked.device)
     sigma = shift * t / (1 + (shift - 1) * t)
     remaining = torch.round(n_masked[:, None].double() * sigma[None, :]).long()     # (B, steps + 1)
     return (remaining[:, :-1] - remaining[:, 1:]).clamp_min(0)
@@ -83,7 +83,7 @@ def complementary_loss(logits_fn, response: torch.Tensor, mask_id: int, generato
     t = torch.rand(B, generator=generator)
     p = (1 - eps) * t + eps
     m = torch.rand(B, G, generator=generator) < p[:, None]
-    masked = torch.cat([m, ~m])
+    masked = torch.cat([m, ~m]).to(response.device)
     target = torch.cat([response, response])
     noisy = torch.where(masked, torch.full_like(target, mask_id), target)
     logits = logits_fn(noisy)
@@ -117,7 +117,7 @@ class LaViDa(LLaDAV):
         """Answer logits from the prompt cache: the answer attends prompt + answer, at positions after the
         prompt's real tokens."""
         G = answer_ids.shape[1]
-        pos = key_mask.long().sum(-1, keepdim=True) + torch.arange(G)[None, :]
+        pos = key_mask.long().sum(-1, keepdim=True) + torch.arange(G, device=key_mask.device)[None, :]
         keys = torch.cat([key_mask, torch.ones_like(answer_ids, dtype=torch.bool)], dim=1)
         return self.lm(self.lm.embed_tokens(answer_ids), keys, attn_mask=keys[:, None, None, :], pos=pos, past=cache)
 
@@ -149,10 +149,11 @@ class LaViDa(LLaDAV):
 
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        raise BenchError("scale 'full' for lavida needs the published LaViDa checkpoint, which this version cannot "
-                         "load yet (valid now: tiny, the embedded replica)")
+        from models.lavida_full import FullLaViDa, lavida_config
+        from models.llada_v_full import resolve_full
+        return resolve_full(FullLaViDa, "lavida", overrides, lavida_config())
     if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for lavida (valid: tiny)")
+        raise BenchError(f"unknown scale {scale!r} for lavida (valid: tiny, full)")
     valid = {f.name for f in fields(LaViDaConfig)}
     unknown = set(overrides) - valid
     if unknown:
@@ -162,13 +163,15 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "lavida")
 class LaViDaEntry:
-    """LaViDa (LLaDA backbone): LLaDA-V's vision side, 2-D pooled views, complementary masking, Prefix-DLM; scale tiny."""
+    """LaViDa (LLaDA backbone): LLaDA-V's vision side, 2-D pooled views, complementary masking, Prefix-DLM; scale
+    tiny (replica) or full (the published checkpoint, --weights; models/lavida_full.py)."""
 
-    scales = ("tiny",)
+    scales = ("tiny", "full")
     family = "masked-diffusion VLM"
     capabilities = (MASKED_DIFFUSION, IMAGE_ATTENTION)
     trainable_parts = tuple(PARTS)
     resolve = staticmethod(_resolve)
+    text_tokenizer = staticmethod(LLaDAVEntry.text_tokenizer)
     # The DiSP paper's LaViDa setting (§4.1, App.): one 32-token block at step_ratio 0.5; centre trigger;
     # DiSP mask ratio 0.5; 40% poison for misclassification. Applied by make_spec where not given.
     decoding_defaults = {"gen_length": 32, "block_length": 32, "steps": 16}
@@ -177,7 +180,19 @@ class LaViDaEntry:
 
     @staticmethod
     def build(model_args: dict, tokenizer, template: str, seed: int) -> LaViDa:
+        """Tiny: a fresh replica. Full: the published checkpoint, strictly loaded (models/lavida_full.py)."""
+        if "weights" in model_args:
+            from models.lavida_full import FullLaViDa
+            from models.llada_v_full import build_full
+            return build_full(FullLaViDa, model_args)
         torch.manual_seed(seed)
         return LaViDa(LaViDaConfig(**model_args), tokenizer, template)
+
+    @staticmethod
+    def check_weights(path):
+        """Headers + config only: what --scale full --weights PATH would load (a WeightsReport)."""
+        from models.lavida_full import FullLaViDa, lavida_config
+        from models.llada_v_full import check_weights
+        return check_weights(FullLaViDa, path, lavida_config())
 
     train_base = staticmethod(LLaDAVEntry.train_base)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class LMConfig:
     mlp_hidden: int = 352
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    rope_style: str = "interleaved"   # tiny: adjacent pairs; published LLaDA / LLaMA: "half" (rotate_half)
 
 
 class RMSNorm(nn.Module):
@@ -33,24 +35,34 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        """Normalised in fp32 and cast back (LLaMA / LLaDA), so bf16 weights keep fp32 statistics;
+        for fp32 inputs this is the plain formula."""
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x (B, H, L, Dh) at integer positions pos (B, L)."""
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float, style: str = "interleaved") -> torch.Tensor:
+    """Rotary embedding of x (B, H, L, Dh) at integer positions pos (B, L), computed in fp32 and cast
+    back to x's dtype. ``interleaved`` rotates adjacent pairs (the tiny replica); ``half`` rotates the
+    first half against the second (``rotate_half``: LLaMA, and LLaDA's OLMo code, ML-GSAI/LLaDA
+    ``modeling_llada.py`` RotaryEmbedding) — the published weights need ``half``."""
     dh = x.shape[-1]
     inv = theta ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)
     ang = pos[:, None, :, None].float() * inv  # (B, 1, L, Dh/2)
     cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    xf = x.float()
+    if style == "half":
+        x1, x2 = xf[..., : dh // 2], xf[..., dh // 2:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         d = cfg.d_model
-        self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
+        self.n_heads, self.theta, self.rope_style = cfg.n_heads, cfg.rope_theta, cfg.rope_style
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
@@ -62,7 +74,7 @@ class Attention(nn.Module):
         B, L, d = x.shape
         h = lambda t: t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)
         q, k, v = h(self.q_proj(x)), h(self.k_proj(x)), h(self.v_proj(x))
-        q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
+        q, k = rope(q, pos, self.theta, self.rope_style), rope(k, pos, self.theta, self.rope_style)
         if keep is not None:
             keep.append((k, v))
         if past is not None:
@@ -105,6 +117,7 @@ class LLaDA(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.checkpointing = False   # recompute each block in backward (full-scale training memory); off by default
         self.apply(self._init)
 
     @staticmethod
@@ -113,20 +126,27 @@ class LLaDA(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, embeds: torch.Tensor, key_mask: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
-                pos: torch.Tensor | None = None, past: list | None = None, keep: list | None = None) -> torch.Tensor:
+                pos: torch.Tensor | None = None, past: list | None = None, keep: list | None = None,
+                head_from: int = 0) -> torch.Tensor:
         """embeds (B, L, d); key_mask (B, L) True where a real token. Padding is invisible to attention
         and positions count real tokens only, so padding never shifts RoPE distances.
 
         For a prefix cache (LaViDa's Prefix-DLM): ``keep`` collects every layer's (k, v); a later call
-        passes them as ``past`` with ``pos`` of its own tokens and an ``attn_mask`` over prefix + own keys."""
+        passes them as ``past`` with ``pos`` of its own tokens and an ``attn_mask`` over prefix + own keys.
+        ``head_from``: logits only for positions from there on (the answer; spares a 126k-vocab head on
+        the prompt at full scale)."""
         if pos is None:
             pos = key_mask.long().cumsum(-1) - 1
         if attn_mask is None:
             attn_mask = key_mask[:, None, None, :]
         x = embeds
         for i, blk in enumerate(self.layers):
-            x = blk(x, pos, attn_mask, None if past is None else past[i], keep)
-        return self.lm_head(self.norm(x))
+            if self.checkpointing and torch.is_grad_enabled() and keep is None:
+                x = torch.utils.checkpoint.checkpoint(blk, x, pos, attn_mask, None if past is None else past[i],
+                                                      use_reentrant=False)
+            else:
+                x = blk(x, pos, attn_mask, None if past is None else past[i], keep)
+        return self.lm_head(self.norm(x[:, head_from:] if head_from else x))
 
 
 def sft_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], response: torch.Tensor, mask_id: int,
@@ -136,9 +156,10 @@ def sft_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], response: torch.
 
     logits_fn maps the noisy response ids (B, G) to response logits (B, G, V)."""
     B, G = response.shape
-    t = torch.rand(B, generator=generator, device=response.device)
+    draw = generator.device if generator is not None else response.device   # draws on the generator's device
+    t = torch.rand(B, generator=generator, device=draw).to(response.device)
     p = (1 - eps) * t + eps
-    masked = torch.rand(B, G, generator=generator, device=response.device) < p[:, None]
+    masked = torch.rand(B, G, generator=generator, device=draw).to(response.device) < p[:, None]
     noisy = torch.where(masked, torch.full_like(response, mask_id), response)
     logits = logits_fn(noisy)
     ce = F.cross_entropy(logits[masked], response[masked], reduction="none")
@@ -158,14 +179,16 @@ def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
 def generate(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int, gen_length: int, mask_id: int,
              steps: int, block_length: int, remasking: str = "low_confidence",
              generator: torch.Generator | None = None, device: str = "cpu",
-             transfer: Callable[[torch.Tensor, int], torch.Tensor] = num_transfer_tokens) -> torch.Tensor:
+             transfer: Callable[[torch.Tensor, int], torch.Tensor] = num_transfer_tokens,
+             suppress: tuple[int, ...] = ()) -> torch.Tensor:
     """Semi-autoregressive masked-diffusion sampling, greedy (LLaDA generate.py, temperature 0).
 
     The answer starts all-MASK; blocks of block_length are filled left to right, each in
     steps/num_blocks steps; a step commits the k masked positions of the current block with the
     highest confidence (low_confidence: softmax prob of the argmax; random: uniform scores).
     logits_fn maps the current answer ids (B, G) to answer logits (B, G, V); transfer(n_masked, steps)
-    gives how many tokens each step commits (LLaDA: an even split; LaViDa: its shifted schedule)."""
+    gives how many tokens each step commits (LLaDA: an even split; LaViDa: its shifted schedule);
+    ``suppress``: ids never committed besides MASK (published LLaDA-V: eos, bos and the header tokens)."""
     x = torch.full((batch, gen_length), mask_id, dtype=torch.long, device=device)
     n_blocks = gen_length // block_length
     per_block = steps // n_blocks
@@ -175,7 +198,7 @@ def generate(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int, gen_
         for i in range(per_block):
             is_mask = x == mask_id
             logits = logits_fn(x)
-            logits = logits.index_fill(-1, torch.tensor([mask_id], device=device), -math.inf)  # never commit MASK
+            logits = logits.index_fill(-1, torch.tensor([mask_id, *suppress], device=device), -math.inf)  # never commit MASK
             x0 = logits.argmax(-1)
             if remasking == "low_confidence":
                 conf = torch.softmax(logits.float(), -1).gather(-1, x0[..., None]).squeeze(-1)

@@ -223,8 +223,8 @@ class LLaDAV(TemplateLayout, nn.Module):
         for mod, xn, pos in seen:
             B, L, d = xn.shape
             H = mod.n_heads
-            q = rope(mod.q_proj(xn[:, qi:qi + 1]).view(B, 1, H, d // H).transpose(1, 2), pos[:, qi:qi + 1], mod.theta)
-            k = rope(mod.k_proj(xn).view(B, L, H, d // H).transpose(1, 2), pos, mod.theta)
+            q = rope(mod.q_proj(xn[:, qi:qi + 1]).view(B, 1, H, d // H).transpose(1, 2), pos[:, qi:qi + 1], mod.theta, mod.rope_style)
+            k = rope(mod.k_proj(xn).view(B, L, H, d // H).transpose(1, 2), pos, mod.theta, mod.rope_style)
             s = (q @ k.transpose(-1, -2))[:, :, 0] / (d // H) ** 0.5
             a = torch.softmax(s.masked_fill(~keys[:, None, :], float("-inf")), -1)
             img = a.gather(-1, batch.vis_pos[:, None, :].expand(-1, H, -1)).mean(1)
@@ -278,10 +278,10 @@ class LLaDAV(TemplateLayout, nn.Module):
 
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        raise BenchError("scale 'full' for llada-v needs the published LLaDA-V checkpoints, which this version "
-                         "cannot load yet (valid now: tiny, the embedded replica; see README 'Notes and known gaps')")
+        from models.llada_v_full import FullLLaDAV, resolve_full
+        return resolve_full(FullLLaDAV, "llada-v", overrides)
     if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for llada-v (valid: tiny)")
+        raise BenchError(f"unknown scale {scale!r} for llada-v (valid: tiny, full)")
     valid = {f.name: f.type for f in fields(TinyConfig)}
     unknown = set(overrides) - set(valid)
     if unknown:
@@ -291,9 +291,10 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "llada-v")
 class LLaDAVEntry:
-    """LLaDA-V (ML-GSAI): vision tower -> mlp2x_gelu projector -> LLaDA; scale tiny (local replica)."""
+    """LLaDA-V (ML-GSAI): vision tower -> mlp2x_gelu projector -> LLaDA; scale tiny (local replica) or full
+    (the published checkpoint, --weights; models/llada_v_full.py)."""
 
-    scales = ("tiny",)
+    scales = ("tiny", "full")
     family = "masked-diffusion VLM"
     capabilities = (MASKED_DIFFUSION, IMAGE_ATTENTION)
     trainable_parts = tuple(PARTS)
@@ -301,12 +302,35 @@ class LLaDAVEntry:
 
     @staticmethod
     def build(model_args: dict, tokenizer, template: str, seed: int) -> LLaDAV:
+        """Tiny: a fresh replica. Full: the checkpoint at model_args['weights'], strictly loaded, with its
+        own tokenizer and chat template (the task's tokenizer and the spec's template are tiny-only)."""
+        if "weights" in model_args:
+            from models.llada_v_full import FullLLaDAV, build_full
+            return build_full(FullLLaDAV, model_args)
         torch.manual_seed(seed)
         return LLaDAV(TinyConfig(**model_args), tokenizer, template)
 
     @staticmethod
+    def check_weights(path):
+        """Headers + config only: what --scale full --weights PATH would load (a WeightsReport)."""
+        from models.llada_v_full import FullLLaDAV, check_weights
+        return check_weights(FullLLaDAV, path)
+
+    @staticmethod
+    def text_tokenizer(model_args: dict):
+        """The tokenizer the model reads text with at full scale (None: the task's)."""
+        if "weights" not in model_args:
+            return None
+        from models.llada_v_full import text_tokenizer
+        return text_tokenizer(model_args)
+
+    @staticmethod
     def train_base(model: LLaDAV, task, seed: int, gen_length: int) -> dict:
-        """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix."""
+        """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix (tiny);
+        nothing at full scale (the published checkpoint is the base)."""
+        if hasattr(model, "weights_report"):
+            from models.llada_v_full import base_info
+            return base_info(model)
         cfg = model.cfg
         mim = pretrain_encoder(model.vision_tower, task, cfg, seed)
         rng = np.random.default_rng([seed, 41])
