@@ -29,10 +29,11 @@ from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
-from models.checkpoint import WeightsReport
+from models.checkpoint import WeightsReport, read_config
 from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
 from models.published import (ChatLayout, FullConfig, FullStages, full_config, inspect_pretrained, load_image_processor,
-                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, weights_dir)
+                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, text_tokenizer,
+                              weights_dir)
 
 PARTS = {"projector": ("qformer", "query_tokens", "language_projection"),
          "projector+lm": ("qformer", "query_tokens", "language_projection", "language_model"),
@@ -108,6 +109,20 @@ class BLIP2(LLaVA):
         self.hf.query_tokens.requires_grad_("query_tokens" in on)
 
 
+def _tokens(path) -> tuple:
+    """The checkpoint's tokenizer and image-token id: `config.image_token_index`, else the tokenizer's
+    `<image>`; a snapshot with neither is refused by name (transformers 5's BLIP-2 trap)."""
+    tokenizer = load_tokenizer(path, "blip2")
+    image_id = read_config(path).get("image_token_index")
+    if image_id is None:
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            raise BenchError(f"blip2: {path} predates transformers' BLIP-2 image tokens: config.json has no "
+                             "image_token_index and the tokenizer no <image> token (use a snapshot with the "
+                             "updated processor files)")
+    return tokenizer, image_id
+
+
 def blip2_key(key: str) -> str:
     """Published BLIP-2 keys are the transformers 5 module keys (vision_model, qformer, query_tokens,
     language_projection, language_model.*)."""
@@ -138,16 +153,13 @@ class Blip2Full(FullStages, ChatLayout, BLIP2):
         if not self.hf.config.use_decoder_only_language_model:
             raise BenchError(f"blip2: {path} has an encoder-decoder LM ({self.hf.config.text_config.model_type}); "
                              "only decoder-only BLIP-2 checkpoints (OPT) are supported")
+        self.hf.requires_grad_(False)                    # set_trainable opens what a fine-tune trains
         self.processor = load_image_processor(path, "blip2")
-        tokenizer = load_tokenizer(path, "blip2")
-        image_id = self.hf.config.image_token_index
-        if image_id is None:
-            image_id = tokenizer.convert_tokens_to_ids("<image>")
-            if image_id is None or image_id == tokenizer.unk_token_id:
-                raise BenchError(f"blip2: {path} predates transformers' BLIP-2 image tokens: config.json has no "
-                                 "image_token_index and the tokenizer no <image> token (use a snapshot with the "
-                                 "updated processor files)")
+        tokenizer, image_id = _tokens(path)
         self.init_chat(tokenizer, BLIP2_TEMPLATE, self.hf.config.num_query_tokens, image_id, image_first=True)
+
+    def projector_key(self, name: str) -> bool:
+        return name.startswith(("hf.qformer.", "hf.language_projection.")) or name == "hf.query_tokens"
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)
@@ -196,6 +208,11 @@ class Blip2Entry:
     def check_weights(path: str) -> WeightsReport:
         """Headers and config only: what a full-scale run would load from PATH (the Salesforce layout)."""
         return _check_weights(path)
+
+    @staticmethod
+    def text_tokenizer(model_args: dict):
+        """The checkpoint's tokenizer at full scale (None at tiny: the task's)."""
+        return text_tokenizer(model_args, lambda path: (*_tokens(path), BLIP2_TEMPLATE, None))
 
     @staticmethod
     def train_base(model: BLIP2, task, seed: int, gen_length: int) -> dict:

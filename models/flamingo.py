@@ -36,7 +36,7 @@ from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llava import LLaVA, LlavaTinyConfig
-from models.published import FullConfig, full_config, resolve_full
+from models.published import FullConfig, full_config, resolve_full, text_tokenizer
 from models.llada_v import pretrain_encoder
 from models.train import finetune
 
@@ -327,6 +327,12 @@ class _FlamingoEntry:
             from models.flamingo_published import FlamingoFull
             return FlamingoFull(full_config(cls.name, model_args), cls.name)
         return Flamingo(FlamingoTinyConfig(**model_args), tokenizer, template)
+
+    @classmethod
+    def text_tokenizer(cls, model_args: dict):
+        """The base LM's tokenizer with the repo's added tokens at full scale (None at tiny: the task's)."""
+        from models.flamingo_published import tokens
+        return text_tokenizer(model_args, lambda path: tokens(path, cls.name))
 
     @classmethod
     def check_weights(cls, path: str):

@@ -247,6 +247,9 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)
 
+    def projector_key(self, name: str) -> bool:
+        return name.startswith("perceiver.") or ".gated_cross_attn_layer." in name
+
     def _tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The CLIP tower's last hidden state without the CLS position (Otter `vision_encoder(x)[0][:, 1:]`)."""
         return self._tower()(pixel_values=pixels).last_hidden_state[:, 1:]
@@ -281,8 +284,8 @@ def flamingo_hash(root: Path) -> str:
     return checkpoint_hash(root)
 
 
-def check_flamingo(path, flavour: str) -> WeightsReport:
-    """What a full-scale run would load (it builds the model: the OpenFlamingo checkpoint is a pickle
-    whose shapes are read by memory-mapping it; nothing is kept)."""
-    model = FlamingoFull(FullConfig(weights=str(path), dtype="float32", device="cpu"), flavour)
-    return model.weights_report
+def tokens(path: Path, flavour: str) -> tuple:
+    """(tokenizer with the repo's added tokens, <image> id, template, <|endofchunk|> id) without the weights."""
+    tok = _tokenizer(path / "lm" if flavour == "openflamingo" else path, flavour, flavour)
+    return tok, tok.convert_tokens_to_ids("<image>"), TEMPLATES[flavour], tok.convert_tokens_to_ids("<|endofchunk|>")
+

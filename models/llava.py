@@ -36,9 +36,10 @@ from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
-from models.checkpoint import WeightsReport, rename
+from models.checkpoint import WeightsReport, read_config, rename
 from models.published import (ChatLayout, FullConfig, FullStages, full_config, inspect_pretrained, load_image_processor,
-                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, weights_dir)
+                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, text_tokenizer,
+                              weights_dir)
 from models.train import finetune
 
 PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
@@ -207,6 +208,7 @@ class LlavaFull(FullStages, ChatLayout, LLaVA):
         self.cfg = cfg
         path = weights_dir(cfg.weights, "llava")
         self.hf, self.weights_report = offline_pretrained(LlavaForConditionalGeneration, cfg, "llava", llava_key)
+        self.hf.requires_grad_(False)                    # set_trainable opens what a fine-tune trains
         self.processor = load_image_processor(path, "llava")
         hc = self.hf.config
         self.feature_layer, self.drop_cls = hc.vision_feature_layer, hc.vision_feature_select_strategy == "default"
@@ -215,6 +217,9 @@ class LlavaFull(FullStages, ChatLayout, LLaVA):
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)
+
+    def projector_key(self, name: str) -> bool:
+        return name.startswith("hf.model.multi_modal_projector.")
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         out = LLaVA.visual_embeds(self, images)
@@ -265,6 +270,13 @@ class LlavaEntry:
     def check_weights(path: str) -> WeightsReport:
         """Headers and config only: what a full-scale run would load from PATH (the llava-hf layout)."""
         return _check_weights(path)
+
+    @staticmethod
+    def text_tokenizer(model_args: dict):
+        """The checkpoint's tokenizer at full scale (None at tiny: the task's)."""
+        def load(path):
+            return (load_tokenizer(path, "llava"), read_config(path).get("image_token_index"), LLAVA_TEMPLATE, None)
+        return text_tokenizer(model_args, load)
 
     @staticmethod
     def train_base(model: LLaVA, task, seed: int, gen_length: int) -> dict:

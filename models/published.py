@@ -26,6 +26,7 @@ import torch
 
 from core.errors import BenchError
 from models.base import Batch
+from models.llada_v_full import resolve_device   # devices and dtypes as every full-scale victim resolves them
 from models.checkpoint import WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header
 from tasks.base import Sample
 
@@ -46,18 +47,6 @@ class FullConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise BenchError(f"model arg dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
-    """(device, dtype) names: 'auto' device is accelerate's (cuda when present, else cpu); 'auto' dtype
-    is bfloat16 where the device supports it, float32 on CPU."""
-    if device == "auto":
-        from accelerate import PartialState
-        device = str(PartialState().device)
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return str(dev), dtype
 
 
 def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash, need_config: bool = True) -> dict:
@@ -290,21 +279,36 @@ class ChatLayout:
 
 
 class FullStages:
-    """A full-scale victim's stages store what trained plus the checkpoint's hash, never a copy of the
-    published weights; loading refuses a stage trained on other weights."""
+    """A full-scale victim's stages store the projector (the only part that trains at full scale) plus
+    the checkpoint's hash, never a copy of the published weights; loading refuses a stage trained on
+    other weights. A class names its projector's state-dict keys with `projector_key`."""
+
+    def projector_key(self, name: str) -> bool:
+        raise NotImplementedError
 
     def stage_state(self) -> dict:
         return {"checkpoint": self.cfg.checkpoint,
-                "trained": {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}}
+                "projector": {n: t.detach().cpu().clone() for n, t in self.state_dict().items() if self.projector_key(n)}}
 
     def load_stage_state(self, state: dict) -> None:
         if state.get("checkpoint") != self.cfg.checkpoint:
             raise BenchError(f"cached stage was trained on checkpoint {str(state.get('checkpoint'))[:12]}, "
                              f"this model is {self.cfg.checkpoint[:12]}")
-        own = dict(self.named_parameters())
-        unknown = sorted(set(state["trained"]) - set(own))
-        if unknown:
-            raise BenchError(f"cached stage holds parameters this model lacks: {_first(unknown)}")
+        own = self.state_dict()
+        stored = state["projector"]
+        wrong = sorted(set(stored) ^ {n for n in own if self.projector_key(n)})
+        if wrong:
+            raise BenchError(f"cached stage's projector does not match this model: {_first(wrong)}")
         with torch.no_grad():
-            for n, t in state["trained"].items():
+            for n, t in stored.items():
                 own[n].copy_(t.to(own[n].device, own[n].dtype))
+
+
+def text_tokenizer(model_args: dict, load) -> "HFTokens | None":
+    """An entry's `text_tokenizer` hook: the tokens the model reads text with at full scale (what the
+    pipeline's up-front answer-length check counts), None at tiny scale. `load(path)` gives
+    (tokenizer, image id, template, eos id) without loading the weights."""
+    if not model_args.get("weights"):
+        return None
+    tokenizer, image_id, template, eos_id = load(Path(model_args["weights"]).expanduser())
+    return HFTokens(tokenizer, image_id, template.rstrip().split()[-1], eos_id)

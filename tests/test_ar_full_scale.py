@@ -167,7 +167,7 @@ def test_llava_mismatched_checkpoint_exits_2_naming_the_key(llava_dir, tmp_path,
     from bench.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["run", "--model", "llava", "--scale", "full", "--model-arg", f"weights={bad}", "--model-arg",
+        main(["run", "--model", "llava", "--scale", "full", "--weights", str(bad), "--model-arg",
               "dtype=float32", "--defense", "crossview", "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache")])
     assert e.value.code == 2
     err = capsys.readouterr().err
@@ -382,3 +382,50 @@ def test_otter_mismatched_checkpoint_exits_2_naming_the_key(otter_dir, tmp_path)
     write_checkpoint(root, tensors, read_config(root))
     with pytest.raises(BenchError, match=r"shape mismatch: perceiver\.layers\.0\.feed_forward\.1\.weight"):
         build("otter", root)
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2", "openflamingo", "otter"])
+def test_stages_keep_the_projector_and_the_hash_only(name, llava_dir, blip2_dir, openflamingo_dir, otter_dir):
+    """A stage stores the trained projector plus the checkpoint hash (no copy of the published weights),
+    reloads into a fresh build, and refuses a stage trained on other weights; the checkpoint's tokenizer
+    is what the pipeline's answer-length check counts with."""
+    from core.registry import get
+
+    root = {"llava": llava_dir, "blip2": blip2_dir, "openflamingo": openflamingo_dir, "otter": otter_dir}[name][0]
+    m = build(name, root)
+    assert not any(p.requires_grad for p in m.parameters())               # frozen until a fine-tune opens parts
+    m.set_trainable("projector")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    state = m.stage_state()
+    assert state["checkpoint"] == m.cfg.checkpoint and len(state["checkpoint"]) == 64
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert set(state["projector"]) == trained                            # exactly the projector's parameters
+    fresh = build(name, root)
+    fresh.load_stage_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
+    with pytest.raises(BenchError, match="trained on checkpoint"):
+        fresh.load_stage_state({**state, "checkpoint": "0" * 64})
+    tok = get("models", name).text_tokenizer({"weights": str(root)})
+    assert tok.encode("a cat") == m.tok.encode("a cat") and tok.eos_id == m.tok.eos_id
+    assert get("models", name).text_tokenizer({"weights": ""}) is None
+
+
+def test_check_weights_command(llava_dir, tmp_path, capsys):
+    from bench.cli import main
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(SystemExit) as e:
+        main(["check-weights", "--model", "llava", str(llava_dir[0])])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "status: OK" in out and "sha256:" in out
+    bad = tmp_path / "bad"
+    shutil.copytree(llava_dir[0], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["multi_modal_projector.linear_2.bias"] = sd["multi_modal_projector.linear_2.bias"][:-1].clone()
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit) as e:
+        main(["check-weights", "--model", "llava", str(bad)])
+    assert e.value.code == 2 and "linear_2.bias" in capsys.readouterr().err
