@@ -36,7 +36,7 @@ from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llava import LLaVA, LlavaTinyConfig
-from models.published import FullConfig, full_config, resolve_full, text_tokenizer
+from models.published import FullConfig, base_info, full_config, resolve_full, text_tokenizer
 from models.llada_v import pretrain_encoder
 from models.train import finetune
 
@@ -289,7 +289,7 @@ def _train_base(model: Flamingo, task, seed: int, gen_length: int) -> dict:
     tower); captions-only pretraining of connector + LM (OpenFlamingo's image-text pretraining); then,
     for Otter, instruction tuning on the whole mix."""
     if not isinstance(model.cfg, FlamingoTinyConfig):
-        return {"base": "published checkpoint"}
+        return base_info(model)
     cfg = model.cfg
     mim = pretrain_encoder(model._mim[0], task, cfg, seed)
     model.vision_encoder.load_state_dict(siglip_state(model._mim[0]))

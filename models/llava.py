@@ -35,11 +35,11 @@ from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
-from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
 from models.checkpoint import WeightsReport, read_config, rename
-from models.published import (ChatLayout, FullConfig, FullStages, full_config, inspect_pretrained, load_image_processor,
-                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, text_tokenizer,
-                              weights_dir)
+from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
+from models.published import (ChatLayout, FullConfig, FullStages, base_info, full_config, inspect_pretrained,
+                              load_image_processor, load_tokenizer, offline_pretrained, pixel_values, resolve_full,
+                              text_tokenizer, weights_dir)
 from models.train import finetune
 
 PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
@@ -283,7 +283,7 @@ class LlavaEntry:
         """Full scale: the published checkpoint is the base (nothing to train). Tiny: the shared encoder's MIM pretraining (then frozen, copied into the SigLIP tower), then projector
         + LM on the base instruction mix with the prompt placed before/among the visual tokens in half."""
         if isinstance(model, ChatLayout):
-            return {"base": "published checkpoint"}
+            return base_info(model)
         cfg = model.cfg
         mim = pretrain_encoder(model._mim[0], task, cfg, seed)
         model._tower().load_state_dict(siglip_state(model._mim[0]))

@@ -26,7 +26,7 @@ import torch
 
 from core.errors import BenchError
 from models.base import Batch
-from models.llada_v_full import resolve_device   # devices and dtypes as every full-scale victim resolves them
+from models.llada_v_full import base_info, resolve_device   # shared with every full-scale victim
 from models.checkpoint import WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header
 from tasks.base import Sample
 
@@ -51,8 +51,9 @@ class FullConfig:
 
 def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash, need_config: bool = True) -> dict:
     """The full-scale model args of an entry; with `weights` given, the directory is checked (`check`:
-    the entry's header-only `check_weights`, so a mismatched checkpoint is refused before any work)
-    and its hash filled in (a stale `checkpoint` hash is refused: the weights changed under the spec)."""
+    the entry's header-only `check_weights`, so a mismatched checkpoint is refused before any work),
+    its hash filled in (a stale `checkpoint` hash is refused: the weights changed under the spec) and
+    'auto' device and dtype resolved."""
     valid = {f.name for f in fields(FullConfig)}
     unknown = set(overrides) - valid
     if unknown:
@@ -68,7 +69,8 @@ def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash
         digest = hash_fn(path)
         if cfg.checkpoint and cfg.checkpoint != digest:
             raise BenchError(f"{name}: {cfg.weights} hashes to {digest[:12]}, the spec pins {cfg.checkpoint[:12]}")
-        cfg = replace(cfg, checkpoint=digest)
+        device, dtype = resolve_device(cfg.device, cfg.dtype)      # pinned in the spec, so in every record
+        cfg = replace(cfg, checkpoint=digest, device=device, dtype=dtype)
     return asdict(cfg)
 
 
