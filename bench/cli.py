@@ -314,14 +314,18 @@ def _list_args(name: str) -> None:
     for i, (kind, obj) in enumerate(found):
         singular = KINDS_SINGULAR[kind]
         doc = (obj.__doc__ or "").strip().splitlines()
-        scales = f" (scale {', '.join(obj.scales)})" if kind == "models" else ""
+        scales = f" (scale {obj.scales[0]})" if kind == "models" else ""
         click.echo(("\n" if i else "") + f"{singular} {name}{scales}: {doc[0] if doc else ''}".rstrip())
+        full = getattr(obj, "full_args", None) if kind == "models" and "full" in obj.scales else None
         rows = _method_args(kind, obj)
         if not rows:
             click.echo("  (no args)")
         width = max((len(f"--{singular}-arg {k}={_show_value(v)}") for k, v, _ in rows), default=0)
         for k, v, t in rows:
             click.echo(f"  {f'--{singular}-arg {k}={_show_value(v)}':<{width}}  ({t})")
+        if full is not None:    # scale full: the run args a checkpoint does not decide
+            click.echo(f"  at scale full: --weights PATH (required), geometry read from the checkpoint; "
+                       + " ".join(f"--model-arg {k}={_show_value(v)}" for k, v in full().items()))
 
 
 @cli.command()

@@ -59,8 +59,8 @@ class Meter:
         self.device = device
 
     def __enter__(self):
-        gc.collect()
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         self.rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -98,8 +98,8 @@ def guarded(out: dict, name: str, fn) -> None:
         out[name] = fn()
     except Exception as e:   # report and go on: one part's failure must not hide the others
         out[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "where": traceback.format_exc(limit=-2)[-600:]}
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

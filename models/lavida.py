@@ -163,8 +163,9 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "lavida")
 class LaViDaEntry:
-    """LaViDa (LLaDA backbone): LLaDA-V's vision side, 2-D pooled views, complementary masking, Prefix-DLM; scale
-    tiny (replica) or full (the published checkpoint, --weights; models/lavida_full.py)."""
+    """LaViDa (LLaDA backbone): LLaDA-V's vision side, 2-D pooled views, complementary masking, Prefix-DLM.
+
+    Scale tiny (the replica) or full (the published checkpoint, --weights; models/lavida_full.py)."""
 
     scales = ("tiny", "full")
     family = "masked-diffusion VLM"
@@ -187,6 +188,12 @@ class LaViDaEntry:
             return build_full(FullLaViDa, model_args)
         torch.manual_seed(seed)
         return LaViDa(LaViDaConfig(**model_args), tokenizer, template)
+
+    @staticmethod
+    def full_args() -> dict:
+        from models.lavida_full import lavida_config
+        from models.llada_v_full import full_args
+        return full_args(lavida_config())
 
     @staticmethod
     def check_weights(path):

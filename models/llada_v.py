@@ -291,8 +291,9 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "llada-v")
 class LLaDAVEntry:
-    """LLaDA-V (ML-GSAI): vision tower -> mlp2x_gelu projector -> LLaDA; scale tiny (local replica) or full
-    (the published checkpoint, --weights; models/llada_v_full.py)."""
+    """LLaDA-V (ML-GSAI): vision tower -> mlp2x_gelu projector -> LLaDA; scale tiny (local replica) or full.
+
+    Full: the published checkpoint (--weights PATH; models/llada_v_full.py)."""
 
     scales = ("tiny", "full")
     family = "masked-diffusion VLM"
@@ -309,6 +310,11 @@ class LLaDAVEntry:
             return build_full(FullLLaDAV, model_args)
         torch.manual_seed(seed)
         return LLaDAV(TinyConfig(**model_args), tokenizer, template)
+
+    @staticmethod
+    def full_args() -> dict:
+        from models.llada_v_full import full_args
+        return full_args()
 
     @staticmethod
     def check_weights(path):

@@ -462,16 +462,12 @@ def load_model(cls, cfg: FullConfig, with_tokenizer: bool = True) -> tuple[nn.Mo
 
 def random_model(cls, cfg: FullConfig, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                  tokenizer=None) -> nn.Module:
-    """A randomly initialised model built directly on ``device`` in ``dtype`` (benchmarks, synthetic checkpoints)."""
+    """A randomly initialised model built directly on ``device`` (initialised in float32, where every
+    init routine is defined, then cast to ``dtype``) — benchmarks and synthetic checkpoints."""
     torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(cfg, tokenizer)
-    finally:
-        torch.set_default_dtype(old)
-    model.requires_grad_(False)
+    with torch.device(device):
+        model = cls(cfg, tokenizer)
+    model.to(dtype).requires_grad_(False)
     return model.eval()
 
 
@@ -557,6 +553,12 @@ def resolve_full(cls, name: str, overrides: dict, base: FullConfig | None = None
     cfg = replace(base or FullConfig(), **{**given, **geometry(path, cls.key_map), "weights": str(path),
                                            "checkpoint": digest, "device": device, "dtype": dtype})
     return asdict(cfg)
+
+
+def full_args(base: FullConfig | None = None) -> dict:
+    """The settable model args at full scale and their defaults (``bench list --args``)."""
+    cfg = asdict(base or FullConfig())
+    return {k: cfg[k] for k in RUN_ARGS if k not in ("weights", "checkpoint")}
 
 
 def build_full(cls, model_args: dict) -> nn.Module:

@@ -44,9 +44,8 @@ CASES = [
     pytest.param(["--lr", "inf"], {}, "lr must be a positive number, got inf", id="lr-inf"),
     pytest.param(["--poison-rate", "nan"], {}, "poison rate must be in (0, 1)", id="poison-rate-nan"),
     # model / scale
-    pytest.param(["--scale", "full"], {}, "scale 'full' for llada-v needs the published LLaDA-V checkpoints",
-                 id="scale-full"),
-    pytest.param(["--scale", "huge"], {}, "unknown scale 'huge' for llada-v (valid: tiny)", id="scale-unknown"),
+    pytest.param(["--scale", "full"], {}, "scale 'full' for llada-v needs --weights PATH", id="scale-full"),
+    pytest.param(["--scale", "huge"], {}, "unknown scale 'huge' for llada-v (valid: tiny, full)", id="scale-unknown"),
     pytest.param(["--model-arg", "n_heads=5"], {}, "multiples of their head counts", id="model-heads-indivisible"),
     pytest.param(["--model", "llava", "--defense", "disp"], {},
                  "defense disp needs a masked-diffusion victim; model llava (autoregressive VLM) has capabilities: none",

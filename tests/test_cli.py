@@ -95,7 +95,7 @@ def test_list_shows_every_registered_name(capsys):
             ("attack", a) for a in ("noise", "multi", "blended", "lowfreq", "wanet", "inputaware", "dualkey")]:
         assert (kind, name) in names
     # a victim's family, scales, capabilities and trainable parts; what a defense needs of its victim
-    assert ("family: masked-diffusion VLM; scales: tiny; capabilities: masked-diffusion, image-attention; "
+    assert ("family: masked-diffusion VLM; scales: tiny, full; capabilities: masked-diffusion, image-attention; "
             "trainable: projector, projector+lm, all") in out
     lines = out.splitlines()
     needs = lambda name: lines[lines.index(next(x for x in lines if x.startswith(f"defense  {name} "))) + 1]
