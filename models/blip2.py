@@ -31,9 +31,9 @@ from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.checkpoint import WeightsReport, read_config
 from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
-from models.published import (ChatLayout, FullConfig, FullStages, full_config, inspect_pretrained, load_image_processor,
-                              load_tokenizer, offline_pretrained, pixel_values, resolve_full, text_tokenizer,
-                              weights_dir)
+from models.published import (ChatLayout, FullConfig, FullStages, full_args, full_config, inspect_pretrained,
+                              load_image_processor, load_tokenizer, offline_pretrained, pixel_values, resolve_full,
+                              text_tokenizer, weights_dir)
 
 PARTS = {"projector": ("qformer", "query_tokens", "language_projection"),
          "projector+lm": ("qformer", "query_tokens", "language_projection", "language_model"),
@@ -203,6 +203,8 @@ class Blip2Entry:
         if "weights" in model_args:
             return Blip2Full(full_config("blip2", model_args))
         return BLIP2(Blip2TinyConfig(**model_args), tokenizer, template)
+
+    full_args = staticmethod(full_args)
 
     @staticmethod
     def check_weights(path: str) -> WeightsReport:

@@ -36,7 +36,7 @@ from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llava import LLaVA, LlavaTinyConfig
-from models.published import FullConfig, base_info, full_config, resolve_full, text_tokenizer
+from models.published import FullConfig, base_info, full_args, full_config, resolve_full, text_tokenizer
 from models.llada_v import pretrain_encoder
 from models.train import finetune
 
@@ -327,6 +327,8 @@ class _FlamingoEntry:
             from models.flamingo_published import FlamingoFull
             return FlamingoFull(full_config(cls.name, model_args), cls.name)
         return Flamingo(FlamingoTinyConfig(**model_args), tokenizer, template)
+
+    full_args = staticmethod(full_args)
 
     @classmethod
     def text_tokenizer(cls, model_args: dict):

@@ -154,7 +154,8 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
         if not (root / "checkpoint.pt").is_file():
             raise BenchError(f"{what}: {root} has no checkpoint.pt (the published OpenFlamingo weights)")
         sub = lambda d: FullConfig(weights=str(root / d), dtype=dtype, device="cpu")
-        vision, _ = offline_pretrained(CLIPVisionModel, sub("vision"), f"{what} vision/", lambda k: k, drop=CLIP_TEXT)
+        vision, _ = offline_pretrained(CLIPVisionModel, sub("vision"), f"{what} vision/", lambda k: k, drop=CLIP_TEXT,
+                                       model_types=("clip", "clip_vision_model"))
         lm, _ = offline_pretrained(AutoModelForCausalLM, sub("lm"), f"{what} lm/", lambda k: k)
         self.processor = load_image_processor(root / "vision", f"{what} vision/")
         tok = _tokenizer(root / "lm", "openflamingo", f"{what} lm/")

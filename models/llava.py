@@ -37,9 +37,9 @@ from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.checkpoint import WeightsReport, read_config, rename
 from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
-from models.published import (ChatLayout, FullConfig, FullStages, base_info, full_config, inspect_pretrained,
-                              load_image_processor, load_tokenizer, offline_pretrained, pixel_values, resolve_full,
-                              text_tokenizer, weights_dir)
+from models.published import (ChatLayout, FullConfig, FullStages, base_info, full_args, full_config,
+                              inspect_pretrained, load_image_processor, load_tokenizer, offline_pretrained,
+                              pixel_values, resolve_full, text_tokenizer, weights_dir)
 from models.train import finetune
 
 PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
@@ -265,6 +265,8 @@ class LlavaEntry:
         if "weights" in model_args:
             return LlavaFull(full_config("llava", model_args))
         return LLaVA(LlavaTinyConfig(**model_args), tokenizer, template)
+
+    full_args = staticmethod(full_args)
 
     @staticmethod
     def check_weights(path: str) -> WeightsReport:

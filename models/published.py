@@ -74,6 +74,11 @@ def resolve_full(name: str, overrides: dict, check=None, hash_fn=checkpoint_hash
     return asdict(cfg)
 
 
+def full_args() -> dict:
+    """The model args a run sets at full scale beside --weights, with their defaults (`bench list --args`)."""
+    return {k: v for k, v in asdict(FullConfig()).items() if k not in ("weights", "checkpoint")}
+
+
 def full_config(name: str, model_args: dict) -> FullConfig:
     cfg = FullConfig(**model_args)
     if not cfg.weights:
@@ -97,11 +102,17 @@ def _first(keys, n: int = 3) -> str:
     return ", ".join(str(k) for k in keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def meta_pretrained(cls, path: Path):
+def meta_pretrained(cls, path: Path, model_types: tuple[str, ...] | None = None):
     """`cls` built from the directory's config.json on the meta device: its shapes at no memory cost
-    (an Auto class through `from_config`; a vision class reads its part of a composite config)."""
+    (an Auto class through `from_config`; a vision class reads its part of a composite config). A
+    config of another model type (`model_types`, default the class's own) is refused by name."""
     from transformers import AutoConfig
     auto = cls.__name__.startswith("Auto")
+    if not auto:
+        found = read_config(path).get("model_type")
+        want = model_types or (cls.config_class.model_type,)
+        if found not in want:
+            raise BenchError(f"{path} holds a {found!r} checkpoint, not {' or '.join(map(repr, want))} ({cls.__name__})")
     try:
         config = (AutoConfig if auto else cls.config_class).from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
@@ -126,12 +137,13 @@ def tied_shapes(model: torch.nn.Module, stored: set[str]) -> dict[str, tuple]:
     return shapes
 
 
-def inspect_pretrained(cls, path: str | os.PathLike, what: str, key_map, drop: tuple[str, ...] = ()) -> WeightsReport:
+def inspect_pretrained(cls, path: str | os.PathLike, what: str, key_map, drop: tuple[str, ...] = (),
+                       model_types: tuple[str, ...] | None = None) -> WeightsReport:
     """Headers and config only (`models.checkpoint`): whether every stored key maps one to one, with
     equal shape, onto `cls` built from the config. Stored keys under a `drop` prefix are parts the
     victim does not use by design (CLIP's text tower beside its vision tower) and are left out."""
     p = weights_dir(path, what)
-    model = meta_pretrained(cls, p)
+    model = meta_pretrained(cls, p, model_types)
     infos = {k: i for k, i in read_header(p).items() if not k.startswith(drop)}
     shapes = tied_shapes(model, {key_map(k) for k in infos})
     match = match_keys({k: i.shape for k, i in infos.items()}, shapes, key_map)
@@ -143,13 +155,14 @@ def inspect_pretrained(cls, path: str | os.PathLike, what: str, key_map, drop: t
     return report
 
 
-def offline_pretrained(cls, cfg: FullConfig, what: str, key_map, drop: tuple[str, ...] = ()):
+def offline_pretrained(cls, cfg: FullConfig, what: str, key_map, drop: tuple[str, ...] = (),
+                       model_types: tuple[str, ...] | None = None):
     """`cls.from_pretrained(weights)` offline (`HF_HUB_OFFLINE=1`, `local_files_only`) after the strict
     header check (BenchError naming the first mismatches, before any tensor is read); transformers'
     own loading report is checked as well (it re-initialises what it cannot fill, and only warns).
     Returns (model in eval mode on the resolved device and dtype, WeightsReport)."""
     p = weights_dir(cfg.weights, what)
-    report = inspect_pretrained(cls, p, what, key_map, drop)
+    report = inspect_pretrained(cls, p, what, key_map, drop, model_types)
     if not report.ok:
         raise BenchError(f"{what}: " + report.error())
     device, dtype = resolve_device(cfg.device, cfg.dtype)

@@ -429,3 +429,13 @@ def test_check_weights_command(llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["check-weights", "--model", "llava", str(bad)])
     assert e.value.code == 2 and "linear_2.bias" in capsys.readouterr().err
+
+
+def test_another_models_checkpoint_is_refused_by_name(blip2_dir, capsys):
+    from bench.cli import main
+
+    with pytest.raises(BenchError, match="holds a 'blip-2' checkpoint, not 'llava'"):
+        build("llava", blip2_dir[0])
+    with pytest.raises(SystemExit) as e:
+        main(["list", "--args", "otter"])
+    assert e.value.code == 0 and "at scale full: --weights PATH" in capsys.readouterr().out
