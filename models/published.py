@@ -1,14 +1,20 @@
 """Published checkpoints of transformers classes at `--scale full`: loaded offline from a local
 directory, driven with the checkpoint's own tokenizer, image processor and chat template.
 
-- `offline_pretrained` is `from_pretrained(PATH)` with `HF_HUB_OFFLINE=1` and `local_files_only=True`
-  that refuses anything but an exact fit: a missing, unexpected or reshaped key exits 2 (BenchError)
-  naming the first ones, never a silently re-initialised module (transformers only warns).
+- `FullConfig` / `resolve_full`: the model args (`weights`, `dtype`, `device`, and `checkpoint`, the
+  weights' hash), resolved when the spec is made so every record pins them.
+- `inspect_pretrained` checks a directory from its safetensors headers and config.json only
+  (`models.checkpoint`'s one-to-one, equal-shape rule against the class built on the meta device);
+  `offline_pretrained` runs that check, then `from_pretrained(PATH)` with `HF_HUB_OFFLINE=1` and
+  `local_files_only=True`, and checks transformers' own loading report too: a missing, unexpected or
+  reshaped key exits 2 (BenchError) naming the first ones, never a silently re-initialised module.
 - `HFTokens` gives a transformers tokenizer the small interface the benchmark's code uses (ids of
   bos / eos / pad / image, `encode`, `decode`, `token` for single-token CP options).
 - `ChatLayout` collates samples into the shared `Batch` with the published template: the prompt
   tokenized as one string, the image placeholder expanded to the model's visual-token count, rows
   left-padded (position ids restart after the padding, `models.llava.LLaVA._logits`).
+
+- `FullStages`: a stage stores the projector plus the checkpoint hash, never the published weights.
 
 The tiny scale keeps its word-level layout (`models.llada_v.TemplateLayout`); everything downstream of
 collation (embedding, loss, decoding, CP scoring) is the same code at both scales.
@@ -26,8 +32,8 @@ import torch
 
 from core.errors import BenchError
 from models.base import Batch
-from models.llada_v_full import base_info, resolve_device   # shared with every full-scale victim
 from models.checkpoint import WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header
+from models.llada_v_full import base_info, resolve_device   # shared with every full-scale victim
 from tasks.base import Sample
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
