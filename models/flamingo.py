@@ -338,9 +338,10 @@ class _FlamingoEntry:
 
     @classmethod
     def check_weights(cls, path: str):
-        """What a full-scale run would load from PATH (builds the model on the CPU in bfloat16, strictly)."""
+        """What a full-scale run would load from PATH: the whole model built on the meta device, shapes
+        from the headers (and OpenFlamingo's memory-mapped checkpoint.pt), no tensor data read."""
         from models.flamingo_published import FlamingoFull
-        return FlamingoFull(FullConfig(weights=str(path), dtype="bfloat16", device="cpu"), cls.name).weights_report
+        return FlamingoFull(FullConfig(weights=str(path), device="cpu"), cls.name, meta=True).weights_report
 
 
 @register("models", "openflamingo")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -39,8 +40,8 @@ import torch.nn as nn
 from core.errors import BenchError
 from models.checkpoint import WeightsReport, match_keys, read_config, read_header, read_index
 from models.flamingo import Flamingo
-from models.published import (ChatLayout, FullConfig, FullStages, load_image_processor, load_tokenizer,
-                              offline_pretrained, pixel_values, resolve_device, tied_shapes)
+from models.published import (ChatLayout, FullConfig, FullStages, inspect_pretrained, load_image_processor, load_tokenizer,
+                              meta_pretrained, offline_pretrained, pixel_values, resolve_device, tied_shapes)
 
 DECODER_LAYERS = {"llama": "model.layers", "mistral": "model.layers", "opt": "model.decoder.layers",
                   "gpt_neox": "gpt_neox.layers", "gptj": "transformer.h", "mpt": "transformer.blocks"}
@@ -126,7 +127,9 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
 
     feature_layer, drop_cls = -1, True
 
-    def __init__(self, cfg: FullConfig, flavour: str):
+    def __init__(self, cfg: FullConfig, flavour: str, meta: bool = False):
+        """`meta`: check only — every module on the meta device, shapes from the safetensors headers and
+        the memory-mapped checkpoint.pt, no tensor data read (what `bench check-weights` runs)."""
         nn.Module.__init__(self)
         self.cfg, self.flavour = cfg, flavour
         root = Path(cfg.weights).expanduser()
@@ -134,9 +137,9 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
             raise BenchError(f"{flavour}: {cfg.weights} is not a local directory (full scale reads local files only)")
         device, dtype = resolve_device(cfg.device, cfg.dtype)
         if flavour == "openflamingo":
-            tok, self.weights_report = self._load_openflamingo(root, device, dtype)
+            tok, self.weights_report = self._load_openflamingo(root, device, dtype, meta)
         else:
-            tok, self.weights_report = self._load_otter(root, device, dtype)
+            tok, self.weights_report = self._load_otter(root, device, dtype, meta)
         for t in SPECIALS[flavour]:
             if tok.convert_tokens_to_ids(t) >= self.lang_encoder.get_input_embeddings().weight.shape[0]:
                 raise BenchError(f"{flavour}: token {t} has id {tok.convert_tokens_to_ids(t)}, past the checkpoint's "
@@ -147,16 +150,24 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
                        eos_id=tok.convert_tokens_to_ids("<|endofchunk|>"))
 
     # ---- loading ------------------------------------------------------------------------------
-    def _load_openflamingo(self, root: Path, device: str, dtype: str):
+    def _load_openflamingo(self, root: Path, device: str, dtype: str, meta: bool):
         from transformers import AutoModelForCausalLM, CLIPVisionModel
 
         what = "openflamingo"
         if not (root / "checkpoint.pt").is_file():
             raise BenchError(f"{what}: {root} has no checkpoint.pt (the published OpenFlamingo weights)")
-        sub = lambda d: FullConfig(weights=str(root / d), dtype=dtype, device="cpu")
-        vision, _ = offline_pretrained(CLIPVisionModel, sub("vision"), f"{what} vision/", lambda k: k, drop=CLIP_TEXT,
-                                       model_types=("clip", "clip_vision_model"))
-        lm, _ = offline_pretrained(AutoModelForCausalLM, sub("lm"), f"{what} lm/", lambda k: k)
+        vision_args = dict(drop=CLIP_TEXT, model_types=("clip", "clip_vision_model"))
+        if meta:                     # header checks of vision/ and lm/, the modules on the meta device
+            for cls, d, kw in ((CLIPVisionModel, "vision", vision_args), (AutoModelForCausalLM, "lm", {})):
+                part = inspect_pretrained(cls, root / d, f"{what} {d}/", lambda k: k, **kw)
+                if not part.ok:
+                    raise BenchError(f"{what} {d}/: " + part.error())
+            vision = meta_pretrained(CLIPVisionModel, root / "vision", vision_args["model_types"])
+            lm = meta_pretrained(AutoModelForCausalLM, root / "lm")
+        else:
+            sub = lambda d: FullConfig(weights=str(root / d), dtype=dtype, device="cpu")
+            vision, _ = offline_pretrained(CLIPVisionModel, sub("vision"), f"{what} vision/", lambda k: k, **vision_args)
+            lm, _ = offline_pretrained(AutoModelForCausalLM, sub("lm"), f"{what} lm/", lambda k: k)
         self.processor = load_image_processor(root / "vision", f"{what} vision/")
         tok = _tokenizer(root / "lm", "openflamingo", f"{what} lm/")
         state = read_openflamingo(root / "checkpoint.pt")
@@ -166,7 +177,8 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
         if embed in shapes and shapes[embed][0] != lm.get_input_embeddings().weight.shape[0]:
             self._resize(lm, shapes[embed][0])
         geo = geometry(shapes, self.layers_attr, lm.config.num_hidden_layers)
-        self.assemble(vision, lambda: lm, vision.config.hidden_size, lm.config.hidden_size, **geo)
+        with torch.device("meta" if meta else "cpu"):
+            self.assemble(vision, lambda: lm, vision.config.hidden_size, lm.config.hidden_size, **geo)
         self.to(getattr(torch, dtype))
         # strict over what the checkpoint must fill: the perceiver and gated blocks, plus any LM tensor it
         # stores (the embeddings); everything else came strictly from vision/ and lm/
@@ -175,18 +187,16 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
         match = match_keys(shapes, need, lambda k: k)
         if not match.ok:
             raise BenchError(f"{what}: {root / 'checkpoint.pt'} does not match the model: " + "; ".join(match.problems()))
-        params = dict(self.state_dict())
-        with torch.no_grad():
-            for ck, mk in match.mapping.items():
-                params[mk].copy_(state[ck])
-        report = WeightsReport(path=str(root), n_tensors=len(state), n_params=sum(v.numel() for v in state.values()),
-                               total_bytes=sum(v.numel() * v.element_size() for v in state.values()),
-                               dtypes={}, modules={}, match=match, hash=self.cfg.checkpoint or flamingo_hash(root),
-                               loaded_dtype=dtype, device=device)
-        self.to(device)
-        return tok, report
+        if not meta:
+            params = dict(self.state_dict())
+            with torch.no_grad():
+                for ck, mk in match.mapping.items():
+                    params[mk].copy_(state[ck])
+            self.to(device)
+        return tok, _report(root, {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()},
+                            match, self.cfg.checkpoint, None if meta else dtype, None if meta else device)
 
-    def _load_otter(self, root: Path, device: str, dtype: str):
+    def _load_otter(self, root: Path, device: str, dtype: str, meta: bool):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
@@ -219,13 +229,13 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
         match = match_keys(shapes, tied_shapes(self, {otter_key(k) for k in shapes}), otter_key)
         if not match.ok:
             raise BenchError(f"{what}: checkpoint {root} does not match the model: " + "; ".join(match.problems()))
-        fill(root, self, match.mapping, getattr(torch, dtype), device)
-        lm.tie_weights()            # a tied head follows the embedding it was filled through
-        self.to(device)             # buffers that init_empty_weights left real (position ids, rotary tables)
-        report = WeightsReport(path=str(root), n_tensors=len(shapes), n_params=sum(math.prod(s) for s in shapes.values()),
-                               total_bytes=0, dtypes={}, modules={}, match=match,
-                               hash=self.cfg.checkpoint or flamingo_hash(root), loaded_dtype=dtype, device=device)
-        return tok, report
+        if not meta:
+            fill(root, self, match.mapping, getattr(torch, dtype), device)
+            lm.tie_weights()        # a tied head follows the embedding it was filled through
+            self.to(device)         # buffers that init_empty_weights left real (position ids, rotary tables)
+        infos = read_header(root)
+        return tok, _report(root, {k: (i.shape, i.dtype) for k, i in infos.items()}, match, self.cfg.checkpoint,
+                            None if meta else dtype, None if meta else device)
 
     @staticmethod
     def _embed_name(lm: nn.Module) -> str:
@@ -254,6 +264,16 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
     def _tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The CLIP tower's last hidden state without the CLS position (Otter `vision_encoder(x)[0][:, 1:]`)."""
         return self._tower()(pixel_values=pixels).last_hidden_state[:, 1:]
+
+
+def _report(root: Path, stored: dict[str, tuple], match, digest: str, dtype: str | None, device: str | None) -> WeightsReport:
+    """The WeightsReport of a Flamingo checkpoint: {key: (shape, dtype name)} as stored, the key match."""
+    size = {"float32": 4, "F32": 4, "int64": 8, "I64": 8}
+    return WeightsReport(path=str(root), n_tensors=len(stored), n_params=sum(math.prod(s) for s, _ in stored.values()),
+                         total_bytes=sum(math.prod(s) * size.get(d, 2) for s, d in stored.values()),
+                         dtypes=dict(Counter(d for _, d in stored.values())),
+                         modules=dict(Counter(k.split(".")[0] for k in match.mapping.values())), match=match,
+                         hash=digest or flamingo_hash(root), loaded_dtype=dtype, device=device)
 
 
 def fill(root: Path, module: nn.Module, mapping: dict[str, str], dtype: torch.dtype, device: str) -> None:

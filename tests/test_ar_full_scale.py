@@ -439,3 +439,27 @@ def test_another_models_checkpoint_is_refused_by_name(blip2_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["list", "--args", "otter"])
     assert e.value.code == 0 and "at scale full: --weights PATH" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flavour", ["openflamingo", "otter"])
+def test_flamingo_check_weights_reads_no_tensor_data(flavour, openflamingo_dir, otter_dir, tmp_path, capsys, monkeypatch):
+    """bench check-weights builds the Flamingo on the meta device (no weights materialised) and reports
+    the key match; a renamed perceiver key exits 2 naming it."""
+    from bench.cli import main
+    from models import flamingo_published
+
+    root = (openflamingo_dir if flavour == "openflamingo" else otter_dir)[0]
+    monkeypatch.setattr(flamingo_published, "fill", lambda *a, **k: pytest.fail("check-weights read tensors"))
+    with pytest.raises(SystemExit) as e:
+        main(["check-weights", "--model", flavour, str(root)])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "status: OK" in out and "perceiver" in out
+    if flavour == "openflamingo":
+        bad = tmp_path / "of"
+        shutil.copytree(root, bad)
+        state = torch.load(bad / "checkpoint.pt")
+        state["perceiver.norm.weight_renamed"] = state.pop("perceiver.norm.weight")
+        torch.save(state, bad / "checkpoint.pt")
+        with pytest.raises(SystemExit) as e:
+            main(["check-weights", "--model", flavour, str(bad)])
+        assert e.value.code == 2 and "perceiver.norm.weight_renamed" in capsys.readouterr().err
