@@ -145,18 +145,20 @@ def bench_model(name: str, cls, cfg: FullConfig, device: torch.device, dtype: to
         batch = make_batch(model, train_batch, gen, image_size)
         g = torch.Generator().manual_seed(seed)
         times = []
-        with Meter(device) as m:
-            for _ in range(2):                 # the second step is the steady-state one
-                sync(device)
-                t0 = time.perf_counter()
-                loss = model.loss(batch, g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sync(device)
-                times.append(time.perf_counter() - t0)
-        model.requires_grad_(False)
-        model.lm.checkpointing = False
+        try:
+            with Meter(device) as m:
+                for _ in range(2):                 # the second step is the steady-state one
+                    sync(device)
+                    t0 = time.perf_counter()
+                    loss = model.loss(batch, g)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+        finally:                                   # frozen and plain again, whatever happened
+            model.requires_grad_(False)
+            model.lm.checkpointing = False
         step = times[-1]
         steps = -(-epoch_samples // train_batch)
         return {"seconds_first": round(times[0], 3), "seconds_step": round(step, 3), "peak_gib": m.peak_gib,

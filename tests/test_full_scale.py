@@ -284,6 +284,10 @@ def test_check_weights_exits_2_naming_a_renamed_key(llada_v_dir, tmp_path, capsy
     assert rc == 2 and "status: MISMATCH" in out
     assert err.startswith("bench: error: ") and err.count("\n") == 1
     assert "model.layers.0.self_attn.out_proj.weight" in err and "lm.layers.0.self_attn.o_proj.weight" in err
+    key = "model.layers.1.mlp.down_proj.weight"
+    _rewrite(llada_v_dir, tmp_path / "reshaped", lambda t: t.__setitem__(key, t[key][:, :-1].clone()))
+    rc, out, err = bench(["check-weights", "--model", "llada-v", str(tmp_path / "reshaped")], capsys)
+    assert rc == 2 and "1 shape mismatch: model.layers.1.mlp.down_proj.weight [32, 63] vs lm.layers.1.mlp.down_proj.weight [32, 64]" in err
     rc, _, err = bench(["check-weights", "--model", "lavida", str(llada_v_dir)], capsys)   # the other layout
     assert rc == 2 and "unexpected" in err and "model.layers.0" in err
 
