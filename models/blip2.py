@@ -10,6 +10,10 @@ see; the composite's `vision_model` slot holds that tower. The LM sees `num_quer
 projected query outputs where the prompt has its image placeholders. LM: a LLaMA of the tiny LLaDA's
 size, next-token loss on the answer, cached greedy decoding (shared with LLaVA).
 
+The `full` scale (`Blip2Full`) is `from_pretrained(PATH)` of a published decoder-only BLIP-2 checkpoint,
+offline and strict (`models.published`), with its tokenizer and image processor and the plain prompt
+`Question: {Q} Answer:` after the 32 query tokens; greedy decoding from `inputs_embeds`.
+
 Trainable parts (the issue's mapping of BLIP-2's modules): `projector` = `qformer` + `query_tokens` +
 `language_projection`; `projector+lm` adds `language_model`; `all` adds the vision tower. phi for the
 cross-view defense is the Q-Former output. No masked-diffusion capability: DiSP is refused up front.
@@ -25,7 +29,11 @@ from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
+from models.checkpoint import WeightsReport, read_config
 from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
+from models.published import (ChatLayout, FullConfig, FullStages, full_args, full_config, inspect_pretrained,
+                              load_image_processor, load_tokenizer, offline_pretrained, pixel_values, resolve_full,
+                              text_tokenizer, weights_dir)
 
 PARTS = {"projector": ("qformer", "query_tokens", "language_projection"),
          "projector+lm": ("qformer", "query_tokens", "language_projection", "language_model"),
@@ -101,12 +109,76 @@ class BLIP2(LLaVA):
         self.hf.query_tokens.requires_grad_("query_tokens" in on)
 
 
+def _tokens(path) -> tuple:
+    """The checkpoint's tokenizer and image-token id: `config.image_token_index`, else the tokenizer's
+    `<image>`; a snapshot with neither is refused by name (transformers 5's BLIP-2 trap)."""
+    tokenizer = load_tokenizer(path, "blip2")
+    image_id = read_config(path).get("image_token_index")
+    if image_id is None:
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            raise BenchError(f"blip2: {path} predates transformers' BLIP-2 image tokens: config.json has no "
+                             "image_token_index and the tokenizer no <image> token (use a snapshot with the "
+                             "updated processor files)")
+    return tokenizer, image_id
+
+
+def blip2_key(key: str) -> str:
+    """Published BLIP-2 keys are the transformers 5 module keys (vision_model, qformer, query_tokens,
+    language_projection, language_model.*)."""
+    return key
+
+
+BLIP2_TEMPLATE = "<image>Question: {prompt} Answer:"   # BLIP-2's VQA prompt; the query tokens come before the BOS
+
+
+class Blip2Full(FullStages, ChatLayout, BLIP2):
+    """A published BLIP-2 checkpoint with a decoder-only LM (Salesforce/blip2-opt-*), behind the same
+    contract: its own tokenizer and image processor, `num_query_tokens` image tokens placed before the
+    BOS as transformers 5's `Blip2Processor` does, the ViT's last (post-layernorm) hidden state read by
+    the Q-Former, and the tiny class's Q-Former, projection, loss, decoding and CP code.
+
+    transformers 5 trap (FULL-SCALE.md): the image-token id comes from `config.image_token_index` (or the
+    tokenizer's `<image>` token); a snapshot with neither is refused by name rather than run with
+    positions that no embedding fills. The visual tokens are scattered into `inputs_embeds` here, so
+    nothing relies on the class's own `forward` or `generate`."""
+
+    def __init__(self, cfg: FullConfig):
+        nn.Module.__init__(self)
+        from transformers import Blip2ForConditionalGeneration
+
+        self.cfg = cfg
+        path = weights_dir(cfg.weights, "blip2")
+        self.hf, self.weights_report = offline_pretrained(Blip2ForConditionalGeneration, cfg, "blip2", blip2_key)
+        if not self.hf.config.use_decoder_only_language_model:
+            raise BenchError(f"blip2: {path} has an encoder-decoder LM ({self.hf.config.text_config.model_type}); "
+                             "only decoder-only BLIP-2 checkpoints (OPT) are supported")
+        self.hf.requires_grad_(False)                    # set_trainable opens what a fine-tune trains
+        self.processor = load_image_processor(path, "blip2")
+        tokenizer, image_id = _tokens(path)
+        self.init_chat(tokenizer, BLIP2_TEMPLATE, self.hf.config.num_query_tokens, image_id, image_first=True)
+
+    def projector_key(self, name: str) -> bool:
+        return name.startswith(("hf.qformer.", "hf.language_projection.")) or name == "hf.query_tokens"
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        return pixel_values(self.processor, images)
+
+    def _tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """BLIP-2 reads the ViT's last hidden state (after its post-layernorm), CLS included."""
+        return self._tower()(pixel_values=pixels).last_hidden_state
+
+
+def _check_weights(path) -> WeightsReport:
+    from transformers import Blip2ForConditionalGeneration
+    return inspect_pretrained(Blip2ForConditionalGeneration, path, "blip2", blip2_key)
+
+
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        raise BenchError("scale 'full' for blip2 needs a published BLIP-2 checkpoint, which this version cannot "
-                         "load yet (valid now: tiny)")
+        return resolve_full("blip2", overrides, check=_check_weights)
     if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for blip2 (valid: tiny)")
+        raise BenchError(f"unknown scale {scale!r} for blip2 (valid: tiny, full)")
     valid = {f.name for f in fields(Blip2TinyConfig)}
     unknown = set(overrides) - valid
     if unknown:
@@ -116,9 +188,9 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "blip2")
 class Blip2Entry:
-    """BLIP-2 (transformers Blip2ForConditionalGeneration): frozen encoder -> Q-Former queries -> projection -> causal LLaMA; scale tiny."""
+    """BLIP-2 (transformers Blip2ForConditionalGeneration): frozen encoder -> Q-Former queries -> projection -> causal LM; scales tiny, full."""
 
-    scales = ("tiny",)
+    scales = ("tiny", "full")
     family = "autoregressive VLM"
     capabilities = ()
     trainable_parts = tuple(PARTS)
@@ -128,7 +200,21 @@ class Blip2Entry:
     @staticmethod
     def build(model_args: dict, tokenizer, template: str, seed: int) -> BLIP2:
         torch.manual_seed(seed)
+        if "weights" in model_args:
+            return Blip2Full(full_config("blip2", model_args))
         return BLIP2(Blip2TinyConfig(**model_args), tokenizer, template)
+
+    full_args = staticmethod(full_args)
+
+    @staticmethod
+    def check_weights(path: str) -> WeightsReport:
+        """Headers and config only: what a full-scale run would load from PATH (the Salesforce layout)."""
+        return _check_weights(path)
+
+    @staticmethod
+    def text_tokenizer(model_args: dict):
+        """The checkpoint's tokenizer at full scale (None at tiny: the task's)."""
+        return text_tokenizer(model_args, lambda path: (*_tokens(path), BLIP2_TEMPLATE, None))
 
     @staticmethod
     def train_base(model: BLIP2, task, seed: int, gen_length: int) -> dict:

@@ -36,6 +36,7 @@ from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llava import LLaVA, LlavaTinyConfig
+from models.published import FullConfig, base_info, full_args, full_config, resolve_full, text_tokenizer
 from models.llada_v import pretrain_encoder
 from models.train import finetune
 
@@ -149,6 +150,8 @@ class Flamingo(LLaVA):
     """OpenFlamingo / Otter behind the victim core contract; the AR loss, cached greedy decoding and
     CP scoring are LLaVA's (`models.llava`), with the image read through cross-attention."""
 
+    layers_attr = "model.layers"        # where the LM keeps its decoder layers (DECODER_LAYERS)
+
     def __init__(self, cfg: FlamingoTinyConfig, tokenizer, template: str):
         nn.Module.__init__(self)
         from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionModel
@@ -156,21 +159,38 @@ class Flamingo(LLaVA):
         self.cfg, self.tok, self.template = cfg, tokenizer, template
         enc = cfg.encoder()
         self._mim = [VisionTower(enc)]     # first, as in every tiny victim: the same seed gives the same encoder
-        self.vision_encoder = SiglipVisionModel(siglip_config(enc))
-        self.vision_encoder.load_state_dict(siglip_state(self._mim[0]))
-        self.perceiver = PerceiverResampler(enc.dim, cfg.perceiver_depth, cfg.num_latents, cfg.xattn_dim_head, cfg.xattn_heads)
+        vision = SiglipVisionModel(siglip_config(enc))
+        vision.load_state_dict(siglip_state(self._mim[0]))
         text = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
                            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                            num_key_value_heads=cfg.n_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
                            pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                            tie_word_embeddings=False)
-        self.lang_encoder = LlamaForCausalLM(text)
-        layers = self.lang_encoder.model.layers
-        for i in range(len(layers)):
-            xattn = (GatedCrossAttentionBlock(cfg.d_model, enc.dim, cfg.xattn_dim_head, cfg.xattn_heads)
-                     if (i + 1) % cfg.xattn_every == 0 else None)
-            layers[i] = FlamingoLayer(layers[i], xattn)
+        self.assemble(vision, lambda: LlamaForCausalLM(text), enc.dim, cfg.d_model, depth=cfg.perceiver_depth,
+                      num_latents=cfg.num_latents, dim_head=cfg.xattn_dim_head, heads=cfg.xattn_heads,
+                      xattn_every=cfg.xattn_every)
         self.init_layout(tokenizer, template, 1)          # one <image> media token per sample
+
+    def assemble(self, vision_encoder: nn.Module, make_lm, dim_visual: int, dim_text: int, *,
+                 depth: int, num_latents: int, dim_head: int, heads: int, xattn_every: int) -> None:
+        """The Flamingo around a vision encoder and a causal LM (`make_lm()`, called after the perceiver
+        is initialised, so a seed gives the same tiny weights as ever): a perceiver resampler, and a gated
+        cross-attention block in front of every `xattn_every`-th decoder layer (open_flamingo
+        `init_flamingo`: layer i gets one when (i + 1) % n == 0), each layer wrapped in a FlamingoLayer."""
+        self.vision_encoder = vision_encoder
+        self.perceiver = PerceiverResampler(dim_visual, depth, num_latents, dim_head, heads)
+        self.lang_encoder = make_lm()
+        layers = self._layers()
+        for i in range(len(layers)):
+            xattn = (GatedCrossAttentionBlock(dim_text, dim_visual, dim_head, heads)
+                     if (i + 1) % xattn_every == 0 else None)
+            layers[i] = FlamingoLayer(layers[i], xattn)
+
+    def _layers(self) -> nn.ModuleList:
+        mod = self.lang_encoder
+        for part in self.layers_attr.split("."):
+            mod = getattr(mod, part)
+        return mod
 
     # ---- the parts LLaVA's shared code calls ----------------------------------------------------
     def _tower(self) -> nn.Module:
@@ -191,22 +211,28 @@ class Flamingo(LLaVA):
         """The text embeddings (the `<image>` token stays a token); the media are set on the layers."""
         media = self.visual_embeds(batch.images) if visual is None else visual
         first_media = batch.vis_pos[:, 0]
-        self._condition(media, torch.arange(batch.ids.shape[1])[None, :] >= first_media[:, None])
+        self._condition(media, torch.arange(batch.ids.shape[1], device=batch.ids.device)[None, :] >= first_media[:, None])
         return self.lang_encoder.get_input_embeddings()(batch.ids)
 
     def _condition(self, media: torch.Tensor | None, reads: torch.Tensor | None) -> None:
-        for layer in self.lang_encoder.model.layers:
+        for layer in self._layers():
             layer.media, layer.reads = media, reads
 
     def _conditioned_lm(self, inputs_embeds, attention_mask, position_ids, **kw):
         """The LM call: positions beyond the conditioned prompt (the answer) read the image too."""
-        layers = self.lang_encoder.model.layers
+        layers = self._layers()
         reads = layers[0].reads
         if reads is not None and reads.shape[1] < attention_mask.shape[1]:
-            extra = torch.ones(len(reads), attention_mask.shape[1] - reads.shape[1], dtype=torch.bool)
+            extra = torch.ones(len(reads), attention_mask.shape[1] - reads.shape[1], dtype=torch.bool, device=reads.device)
             self._condition(layers[0].media, torch.cat([reads, extra], dim=1))
-        return self.lang_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 position_ids=position_ids, **kw)
+        if self._takes_positions():
+            kw["position_ids"] = position_ids
+        return self.lang_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)
+
+    def _takes_positions(self) -> bool:
+        """Whether the LM's forward takes position_ids (LLaMA, GPT-NeoX, OPT do; MPT's ALiBi does not)."""
+        import inspect
+        return "position_ids" in inspect.signature(self.lang_encoder.forward).parameters
 
     def _keys(self, batch: Batch, visual_mask: torch.Tensor | None) -> torch.Tensor:
         """CP blind: with the visual tokens hidden, no text position reads the image."""
@@ -221,13 +247,12 @@ class Flamingo(LLaVA):
 
     def phi_module(self) -> nn.Module:
         """The middle cross-attention block (the cross-view defense's phi for Flamingo-style models)."""
-        blocks = [layer.gated_cross_attn_layer for layer in self.lang_encoder.model.layers
-                  if layer.gated_cross_attn_layer is not None]
+        blocks = [layer.gated_cross_attn_layer for layer in self._layers() if layer.gated_cross_attn_layer is not None]
         return blocks[(len(blocks) - 1) // 2]
 
     def phi_pool(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         """(B, d): the block's output averaged over the positions that read the image."""
-        reads = self.lang_encoder.model.layers[0].reads
+        reads = self._layers()[0].reads
         w = reads[:, -out.shape[1]:].to(out.dtype)[..., None] if reads is not None else torch.ones_like(out[..., :1])
         return (out * w).sum(1) / w.sum(1).clamp_min(1.0)
 
@@ -235,7 +260,7 @@ class Flamingo(LLaVA):
         connector = parts in ("projector", "projector+lm", "all")
         self.perceiver.requires_grad_(connector)
         self.lang_encoder.requires_grad_(parts in ("projector+lm", "all"))
-        for layer in self.lang_encoder.model.layers:
+        for layer in self._layers():
             if layer.gated_cross_attn_layer is not None:
                 layer.gated_cross_attn_layer.requires_grad_(connector)
         self.vision_encoder.requires_grad_(parts == "all")
@@ -247,10 +272,10 @@ PARTS = ("projector", "projector+lm", "all")
 def _resolver(name: str, defaults: dict):
     def resolve(scale: str, overrides: dict) -> dict:
         if scale == "full":
-            raise BenchError(f"scale 'full' for {name} needs the published {name} checkpoint, which this version "
-                             "cannot load yet (valid now: tiny)")
+            from models.flamingo_published import flamingo_hash
+            return resolve_full(name, overrides, hash_fn=flamingo_hash, need_config=False)
         if scale != "tiny":
-            raise BenchError(f"unknown scale {scale!r} for {name} (valid: tiny)")
+            raise BenchError(f"unknown scale {scale!r} for {name} (valid: tiny, full)")
         valid = {f.name for f in fields(FlamingoTinyConfig)}
         unknown = set(overrides) - valid
         if unknown:
@@ -260,8 +285,11 @@ def _resolver(name: str, defaults: dict):
 
 
 def _train_base(model: Flamingo, task, seed: int, gen_length: int) -> dict:
-    """Encoder MIM (then frozen, copied into the tower); captions-only pretraining of connector + LM
-    (OpenFlamingo's image-text pretraining); then, for Otter, instruction tuning on the whole mix."""
+    """Full scale: the published checkpoint is the base. Tiny: encoder MIM (then frozen, copied into the
+    tower); captions-only pretraining of connector + LM (OpenFlamingo's image-text pretraining); then,
+    for Otter, instruction tuning on the whole mix."""
+    if not isinstance(model.cfg, FlamingoTinyConfig):
+        return base_info(model)
     cfg = model.cfg
     mim = pretrain_encoder(model._mim[0], task, cfg, seed)
     model.vision_encoder.load_state_dict(siglip_state(model._mim[0]))
@@ -281,28 +309,52 @@ def _train_base(model: Flamingo, task, seed: int, gen_length: int) -> dict:
 
 
 class _FlamingoEntry:
-    scales = ("tiny",)
+    scales = ("tiny", "full")
     family = "autoregressive VLM (gated cross-attention)"
     capabilities = ()
     trainable_parts = PARTS
     decoding_defaults = {"steps": 32, "block_length": 32}
     train_base = staticmethod(_train_base)
 
-    @staticmethod
-    def build(model_args: dict, tokenizer, template: str, seed: int) -> Flamingo:
+    name = ""
+
+    @classmethod
+    def build(cls, model_args: dict, tokenizer, template: str, seed: int) -> Flamingo:
+        """Tiny: our Flamingo at a small config. Full (model args hold `weights`): filled from the
+        published checkpoint (`models.flamingo_published`)."""
         torch.manual_seed(seed)
+        if "weights" in model_args:
+            from models.flamingo_published import FlamingoFull
+            return FlamingoFull(full_config(cls.name, model_args), cls.name)
         return Flamingo(FlamingoTinyConfig(**model_args), tokenizer, template)
+
+    full_args = staticmethod(full_args)
+
+    @classmethod
+    def text_tokenizer(cls, model_args: dict):
+        """The base LM's tokenizer with the repo's added tokens at full scale (None at tiny: the task's)."""
+        from models.flamingo_published import tokens
+        return text_tokenizer(model_args, lambda path: tokens(path, cls.name))
+
+    @classmethod
+    def check_weights(cls, path: str):
+        """What a full-scale run would load from PATH: the whole model built on the meta device, shapes
+        from the headers (and OpenFlamingo's memory-mapped checkpoint.pt), no tensor data read."""
+        from models.flamingo_published import FlamingoFull
+        return FlamingoFull(FullConfig(weights=str(path), device="cpu"), cls.name, meta=True).weights_report
 
 
 @register("models", "openflamingo")
 class OpenFlamingoEntry(_FlamingoEntry):
-    """OpenFlamingo: frozen encoder -> perceiver resampler -> gated cross-attention into a causal LLaMA; caption-pretrained base; scale tiny."""
+    """OpenFlamingo: frozen encoder -> perceiver resampler -> gated cross-attention into a causal LM; caption-pretrained base; scales tiny, full."""
 
+    name = "openflamingo"
     resolve = _resolver("openflamingo", {"instruct_epochs": 0})
 
 
 @register("models", "otter")
 class OtterEntry(_FlamingoEntry):
-    """Otter: OpenFlamingo plus an instruction-tuning stage on the instruction mix (MIMIC-IT's role); scale tiny."""
+    """Otter: OpenFlamingo plus an instruction-tuning stage on the instruction mix (MIMIC-IT's role); scales tiny, full."""
 
+    name = "otter"
     resolve = _resolver("otter", {"caption_epochs": 9, "instruct_epochs": 9})

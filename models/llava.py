@@ -12,6 +12,11 @@ The `tiny` scale is transformers' own class at a small config, trained here on t
   the answer ends at its first <eos>), decoded greedily one token at a time with a key/value cache;
 - gradients w.r.t. the projected visual tokens go through `inputs_embeds`.
 
+The `full` scale (`--scale full --weights PATH`, `LlavaFull`) is `from_pretrained(PATH)` of a published
+LLaVA-1.5 checkpoint in the llava-hf layout, offline and strict (`models.published`), with the
+checkpoint's tokenizer and image processor (PIL path) and the published prompt
+`USER: <image>\n{Q} ASSISTANT:`; the same embedding, loss, decoding and CP code as tiny.
+
 Trainable parts map to the class's modules: `projector` = `multi_modal_projector`, `projector+lm`
 adds `language_model` and `lm_head`, `all` adds `vision_tower`. The masked-diffusion capability is
 absent: DiSP is refused up front. CP is scored at the last prompt position (the next-token logits),
@@ -30,7 +35,11 @@ from core.errors import BenchError
 from core.registry import register
 from models.base import Batch
 from models.encoder import VisionTower, siglip_config, siglip_state
+from models.checkpoint import WeightsReport, read_config, rename
 from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
+from models.published import (ChatLayout, FullConfig, FullStages, base_info, full_args, full_config,
+                              inspect_pretrained, load_image_processor, load_tokenizer, offline_pretrained,
+                              pixel_values, resolve_full, text_tokenizer, weights_dir)
 from models.train import finetune
 
 PARTS = {"projector": ("multi_modal_projector",), "projector+lm": ("multi_modal_projector", "language_model", "lm_head"),
@@ -75,14 +84,30 @@ class LLaVA(TemplateLayout, nn.Module):
         return self.hf
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def view_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, views x tokens, d_enc): the shared encoder's second-to-last-layer features of every view,
-        through the SigLIP tower (no gradient unless the tower trains)."""
+    feature_layer: int | list[int] = -2     # tiny: the shared encoder's second-to-last block
+    drop_cls: bool = False
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """(B x views, 3, s, s): tiny scale, every view of LLaDA-V's layout in miniature, SigLIP-normalised."""
         v = views(images, self.cfg.view_size)
-        pixels = ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
+        return ((v.reshape(-1, *v.shape[2:]) - 0.5) / 0.5).permute(0, 3, 1, 2)
+
+    def _tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """LLaVA's feature selection: the tower's hidden states at `feature_layer` (a list: concatenated),
+        the CLS position dropped under the "default" select strategy."""
+        hs = self._tower()(pixel_values=pixels, output_hidden_states=True).hidden_states
+        layers = self.feature_layer if isinstance(self.feature_layer, (list, tuple)) else [self.feature_layer]
+        feats = torch.cat([hs[i] for i in layers], dim=-1)
+        return feats[:, 1:] if self.drop_cls else feats
+
+    def view_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, views x tokens, d_enc): the vision tower's features of every view of every image (no
+        gradient unless the tower trains)."""
         tower = self._tower()
+        ref = next(tower.parameters())
+        pixels = self.pixel_values(images).to(ref.device, ref.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
-            feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+            feats = self._tower_features(pixels)
         return feats.reshape(len(images), -1, feats.shape[-1])
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
@@ -161,12 +186,59 @@ class LLaVA(TemplateLayout, nn.Module):
             mod.requires_grad_(name in on)
 
 
+LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"     # LLaVA-1.5's published prompt (llava-hf model card)
+
+
+def llava_key(key: str) -> str:
+    """Published llava-hf key -> transformers 5 module key (the class's own load-time renaming)."""
+    return rename(key, (("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
+                        ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")))
+
+
+class LlavaFull(FullStages, ChatLayout, LLaVA):
+    """A published LLaVA-1.5 checkpoint (llava-hf layout: `LlavaForConditionalGeneration.save_pretrained`)
+    behind the same contract: its own tokenizer and image processor, the published template, features
+    at `vision_feature_layer` with `vision_feature_select_strategy`, and every method below the
+    collation (embedding, loss, cached greedy decoding, CP) shared with the tiny class."""
+
+    def __init__(self, cfg: FullConfig):
+        nn.Module.__init__(self)
+        from transformers import LlavaForConditionalGeneration
+
+        self.cfg = cfg
+        path = weights_dir(cfg.weights, "llava")
+        self.hf, self.weights_report = offline_pretrained(LlavaForConditionalGeneration, cfg, "llava", llava_key)
+        self.hf.requires_grad_(False)                    # set_trainable opens what a fine-tune trains
+        self.processor = load_image_processor(path, "llava")
+        hc = self.hf.config
+        self.feature_layer, self.drop_cls = hc.vision_feature_layer, hc.vision_feature_select_strategy == "default"
+        grid = hc.vision_config.image_size // hc.vision_config.patch_size
+        self.init_chat(load_tokenizer(path, "llava"), LLAVA_TEMPLATE, grid * grid + (not self.drop_cls), hc.image_token_index)
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        return pixel_values(self.processor, images)
+
+    def projector_key(self, name: str) -> bool:
+        return name.startswith("hf.model.multi_modal_projector.")
+
+    def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        out = LLaVA.visual_embeds(self, images)
+        if out.shape[1] != self.n_visual:
+            raise BenchError(f"llava: the image processor's output gives {out.shape[1]} visual tokens, the "
+                             f"config {self.n_visual} (image_size / patch_size disagree with preprocessor_config.json)")
+        return out
+
+
+def _check_weights(path) -> WeightsReport:
+    from transformers import LlavaForConditionalGeneration
+    return inspect_pretrained(LlavaForConditionalGeneration, path, "llava", llava_key)
+
+
 def _resolve(scale: str, overrides: dict) -> dict:
     if scale == "full":
-        raise BenchError("scale 'full' for llava needs a published LLaVA-1.5 checkpoint, which this version cannot "
-                         "load yet (valid now: tiny)")
+        return resolve_full("llava", overrides, check=_check_weights)
     if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for llava (valid: tiny)")
+        raise BenchError(f"unknown scale {scale!r} for llava (valid: tiny, full)")
     valid = {f.name for f in fields(LlavaTinyConfig)}
     unknown = set(overrides) - valid
     if unknown:
@@ -176,9 +248,9 @@ def _resolve(scale: str, overrides: dict) -> dict:
 
 @register("models", "llava")
 class LlavaEntry:
-    """LLaVA-1.5 (transformers LlavaForConditionalGeneration): SigLIP tower -> MLP projector -> causal LLaMA; scale tiny."""
+    """LLaVA-1.5 (transformers LlavaForConditionalGeneration): vision tower -> MLP projector -> causal LLaMA; scales tiny, full."""
 
-    scales = ("tiny",)
+    scales = ("tiny", "full")
     family = "autoregressive VLM"
     capabilities = ()
     trainable_parts = tuple(PARTS)
@@ -187,13 +259,33 @@ class LlavaEntry:
 
     @staticmethod
     def build(model_args: dict, tokenizer, template: str, seed: int) -> LLaVA:
+        """Tiny: the class at a small config (the task's tokenizer and template). Full (model args hold
+        `weights`): the published checkpoint with its own tokenizer, processor and template."""
         torch.manual_seed(seed)
+        if "weights" in model_args:
+            return LlavaFull(full_config("llava", model_args))
         return LLaVA(LlavaTinyConfig(**model_args), tokenizer, template)
+
+    full_args = staticmethod(full_args)
+
+    @staticmethod
+    def check_weights(path: str) -> WeightsReport:
+        """Headers and config only: what a full-scale run would load from PATH (the llava-hf layout)."""
+        return _check_weights(path)
+
+    @staticmethod
+    def text_tokenizer(model_args: dict):
+        """The checkpoint's tokenizer at full scale (None at tiny: the task's)."""
+        def load(path):
+            return (load_tokenizer(path, "llava"), read_config(path).get("image_token_index"), LLAVA_TEMPLATE, None)
+        return text_tokenizer(model_args, load)
 
     @staticmethod
     def train_base(model: LLaVA, task, seed: int, gen_length: int) -> dict:
-        """The shared encoder's MIM pretraining (then frozen, copied into the SigLIP tower), then projector
+        """Full scale: the published checkpoint is the base (nothing to train). Tiny: the shared encoder's MIM pretraining (then frozen, copied into the SigLIP tower), then projector
         + LM on the base instruction mix with the prompt placed before/among the visual tokens in half."""
+        if isinstance(model, ChatLayout):
+            return base_info(model)
         cfg = model.cfg
         mim = pretrain_encoder(model._mim[0], task, cfg, seed)
         model._tower().load_state_dict(siglip_state(model._mim[0]))

@@ -304,7 +304,7 @@ def test_full_scale_bad_input_exits_2(llada_v_dir, tmp_path, capsys):
                         "--results", str(tmp_path / "r")], capsys)
     assert rc == 2 and "only the projector trains" in err
     rc, _, err = bench(["check-weights", "--model", "llava", str(llada_v_dir)], capsys)
-    assert rc == 2 and "no full-scale loader" in err
+    assert rc == 2 and "holds a 'llava_llada' checkpoint, not 'llava'" in err
     assert not (tmp_path / "r").exists()
 
 
