@@ -320,12 +320,19 @@ def _list_args(name: str) -> None:
               help="where the tables go  [default: RESULTS/leaderboards]")
 @click.option("--grid", "grids", multiple=True, type=click.Path(dir_okay=False),
               help="also render this grid file's table (Markdown, CSV, LaTeX; mean ± 95%% interval across seeds); repeatable")
-def leaderboard(results, out, grids) -> None:
-    """Re-render every table (Markdown + CSV) from the records alone."""
+@click.option("--html", "html_dir", default=None, type=click.Path(file_okay=False),
+              help="also write a static site here: index, one sortable page per --grid, the figures, a page per cell")
+@click.option("--figure", "figures", multiple=True, type=click.Path(dir_okay=False),
+              help="a PNG for the site  [default: RESULTS/*.png and RESULTS/sweeps/*.png]; repeatable")
+def leaderboard(results, out, grids, html_dir, figures) -> None:
+    """Re-render every table (Markdown + CSV) from the records alone; --html also writes a site."""
     from bench import records, tables
     from bench.grid import load_grid
 
     loaded = [load_grid(g) for g in grids]          # a bad grid file fails before anything is written
+    missing = [f for f in figures if not Path(f).is_file()]
+    if missing:
+        raise BenchError(f"--figure {missing[0]} does not exist")
     recs = records.load(Path(results))
     if not recs:
         raise BenchError(f"no records in {Path(results) / 'records.jsonl'}")
@@ -335,6 +342,13 @@ def leaderboard(results, out, grids) -> None:
     for g in loaded:
         for p in tables.render_grid(g, recs, out_dir):
             click.echo(str(p))
+    if html_dir:
+        from bench.site import build_site
+
+        figs = [Path(f) for f in figures] or sorted(Path(results).glob("*.png")) + \
+            sorted((Path(results) / "sweeps").glob("*.png"))
+        pages = build_site(recs, loaded, Path(html_dir), Path(results), figs)
+        click.echo(f"{pages[-1]} ({len(pages)} pages)")
 
 
 @cli.command()
