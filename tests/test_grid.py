@@ -128,11 +128,21 @@ def test_two_grids_on_one_results_dir_record_each_cell_once(tmp_path):
     assert sorted(len(rows) for rows in cells.values()) == [2, 3, 3]           # each cell's rows exactly once
 
 
-@pytest.mark.parametrize("name", ["mdlm-main", "triggers", "ar-crossview", "cross-product", "poison-rate"])
+@pytest.mark.parametrize("name", ["mdlm-main", "triggers", "ar-crossview", "cross-product", "poison-rate", "committed"])
 def test_committed_grid_files_are_valid(name):
     g = load_grid(ROOT / "leaderboards" / f"{name}.yaml")
     specs = g.specs()                         # every cell resolves: names, args, capabilities at run time
     assert specs and g.name == name
+
+
+def test_regenerate_runs_grids_whose_cells_cover_every_committed_record():
+    """leaderboards/regenerate.sh is bench grid on committed.yaml: each committed record is one of its
+    cells, so a rerun resumes (skips them) instead of adding a second record per cell."""
+    keys = {records.spec_key(s.to_dict()) for s in load_grid(ROOT / "leaderboards" / "committed.yaml").specs()}
+    recs = records.load(ROOT / "leaderboards")
+    assert recs and all(records.spec_key(r["spec"]) in keys for r in recs)
+    script = (ROOT / "leaderboards" / "regenerate.sh").read_text()
+    assert '"$bench" grid' in script and '"$bench" run' not in script
 
 
 def test_grid_table_means_over_seeds_and_marks_missing_cells(tmp_path):
