@@ -142,8 +142,10 @@ class SubmititExecutor:
         self.job_ids: list[str] = []
 
     def _params(self, r: Resources) -> dict:
-        p = {"timeout_min": r.time_min, "cpus_per_task": r.cpus, "gpus_per_node": r.gpus, "tasks_per_node": 1,
-             "nodes": 1, "name": self.job_name, "slurm_array_parallelism": self.workers}
+        p = {"timeout_min": r.time_min, "cpus_per_task": r.cpus, "tasks_per_node": 1, "nodes": 1,
+             "name": self.job_name, "slurm_array_parallelism": self.workers}
+        if r.gpus:                               # no --gpus-per-node=0: some clusters refuse it
+            p["gpus_per_node"] = r.gpus
         if r.mem_gb is not None:
             p["mem_gb"] = r.mem_gb
         if r.partition:

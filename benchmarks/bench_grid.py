@@ -106,13 +106,16 @@ def main() -> None:
     overlay = yaml.safe_load(a.overlay.read_text()) if a.overlay else {}
     counts = [int(x) for x in a.cells.split(",")] if a.cells else [None]
     rows = []
+    load0 = os.getloadavg()[0]
     for n in counts:
         for w in (int(x) for x in a.workers.split(",")):
             r = run_once(a.grid, overlay, n, w, a.seeds, a.executor)
             print(f"{r['cells']} cells, {w} worker(s): {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU, "
                   f"{r['stages']} stages in {r['tasks']} tasks", file=sys.stderr, flush=True)
             rows.append(r)
-    print(f"{a.grid}" + (f" with {a.overlay}" if a.overlay else "") + f", seeds {a.seeds}, on {os.cpu_count()} cores\n")
+    print(f"{a.grid}" + (f" with {a.overlay}" if a.overlay else "") + f", seeds {a.seeds}, on {os.cpu_count()} cores; "
+          f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs share the cores when it "
+          "is above 0: CPU / wall below the worker count shows how much)\n")
     print(report(rows))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))

@@ -151,6 +151,7 @@ def test_slurm_executor_submits_one_job_array_per_request_with_the_grid_resource
         assert flag in array, flag
     single = next(t for t in texts if t is not array)
     assert "--cpus-per-task=1" in single and "--time=120" in single and "--array" not in single
+    assert "--gpus" not in single and "--mem" not in single and "--partition" not in single
 
 
 @pytest.mark.slow
