@@ -132,7 +132,10 @@ class SubmititExecutor:
         import submitit
 
         self.cluster, self.workers, self.job_name = cluster, workers, job_name
-        self._ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        # a fresh submitit executor per resource request: update_parameters merges into the old ones,
+        # so one shared executor would hand a GPU request's --gres / --mem to a later CPU-only array
+        self._new = lambda: submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        self._new()                                     # fails now (no srun...) rather than mid-grid
         self._poll_s = poll_s if poll_s is not None else (10.0 if cluster == "slurm" else 0.5)
         self._pending: list[tuple[Any, Future]] = []
         self._lock = threading.Lock()
@@ -160,9 +163,10 @@ class SubmititExecutor:
         for i, (_, r) in enumerate(calls):
             by_request.setdefault(r, []).append(i)
         for r, idx in by_request.items():
-            self._ex.update_parameters(**self._params(r))
-            with self._ex.batch():                      # one sbatch --array for these calls
-                jobs = [self._ex.submit(fn, *calls[i][0]) for i in idx]
+            ex = self._new()
+            ex.update_parameters(**self._params(r))
+            with ex.batch():                            # one sbatch --array for these calls
+                jobs = [ex.submit(fn, *calls[i][0]) for i in idx]
             for i, job in zip(idx, jobs):
                 fut: Future = Future()
                 fut.set_running_or_notify_cancel()

@@ -239,3 +239,20 @@ def test_ray_executor_on_loopback_only(tmp_path, monkeypatch):
         ex.close()
     assert out["recorded"] == 1
     assert sorted(r["row"] for r in records.load(tmp_path / "r")) == ["backdoored", "clean"]
+
+
+def test_local_executor_replaces_a_pool_that_a_killed_worker_broke():
+    """A worker the OS kills breaks a process pool; the scheduler's retry then lands on a fresh pool."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bench.executors import LocalExecutor
+
+    ex = LocalExecutor(1)
+    try:
+        [dead] = ex.submit_many(os._exit, [((3,), Resources())])          # the worker dies mid-task
+        with pytest.raises(BrokenProcessPool):
+            dead.result(timeout=120)
+        [ok] = ex.submit_many(abs, [((-3,), Resources())])
+        assert ok.result(timeout=120) == 3
+    finally:
+        ex.close()
