@@ -201,25 +201,40 @@ def sweep(param, values_, out, results, cache, **cell) -> None:
 
 @cli.command()
 @click.argument("grid_file", type=click.Path(dir_okay=False))
-@click.option("--workers", default=2, show_default=True, type=int, help="worker processes")
-@click.option("--threads", default=1, show_default=True, type=int, help="torch threads per worker")
+@click.option("--workers", default=2, show_default=True, type=int, help="tasks running at once (local: worker processes)")
+@click.option("--threads", default=None, type=int,
+              help="torch threads per task  [default: the grid file's resources.cpus, else 1]")
 @click.option("--seeds", default=None, help="comma-separated seeds  [default: the grid file's]")
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--cache", default=None, type=click.Path(file_okay=False), help="artifact cache (default $BENCH_CACHE or the user cache dir)")
-def grid(grid_file, workers, threads, seeds, results, cache) -> None:
-    """Run every missing cell of a grid file (leaderboards/*.yaml), scheduling by stage on a worker pool."""
+@click.option("--cache", default=None, help="artifact store: a path (shared by every node for slurm / ray) or "
+              "file:///path  [default: $BENCH_CACHE or the user cache dir]")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "slurm", "ray"]),
+              help="local process pool | Slurm job arrays via submitit | Ray tasks")
+@click.option("--retries", default=2, show_default=True, type=int, help="resubmissions of a task that crashed or was killed")
+@click.option("--cluster", default="slurm", show_default=True, type=click.Choice(["slurm", "local", "debug"]),
+              help="slurm executor: submitit's backend; local / debug try the Slurm path on this machine")
+@click.option("--slurm-folder", default=None, type=click.Path(file_okay=False),
+              help="slurm executor: submitit's job scripts and logs  [default: RESULTS/.submitit]")
+@click.option("--ray-address", default=None, help="ray executor: a running cluster (e.g. auto)  "
+              "[default: start a private Ray on 127.0.0.1]")
+def grid(grid_file, workers, threads, seeds, results, cache, executor, retries, cluster, slurm_folder, ray_address) -> None:
+    """Run every missing cell of a grid file (leaderboards/*.yaml), scheduling by stage on an executor."""
     from bench.grid import load_grid, run_grid
 
-    if workers < 1 or threads < 1:
-        raise BenchError("--workers and --threads must be >= 1")
+    if workers < 1 or (threads is not None and threads < 1) or retries < 0:
+        raise BenchError("--workers and --threads must be >= 1, --retries >= 0")
     g = load_grid(grid_file)
     try:
         seed_list = tuple(int(x) for x in seeds.split(",") if x.strip()) if seeds else None
     except ValueError:
         raise BenchError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     specs = g.specs(seed_list)
-    out = run_grid(specs, Path(results), Path(cache) if cache else None, workers=workers, threads=threads,
-                   log=lambda m: click.echo(m, err=True))
+    options = {"slurm": {"folder": Path(slurm_folder) if slurm_folder else Path(results) / ".submitit",
+                         "cluster": cluster, "job_name": f"bench-{g.name}"},
+               "ray": {"address": ray_address}}.get(executor, {})
+    out = run_grid(specs, Path(results), cache, workers=workers, threads=threads,
+                   log=lambda m: click.echo(m, err=True), executor=executor, retries=retries,
+                   resources=g.resources, stage_resources=g.stage_resources, executor_options=options)
     click.echo(f"{g.name}: {out['recorded']} cells recorded, {out['skipped']} already there, "
                f"{out['stages']} stages computed -> {Path(results) / 'records.jsonl'}")
 
@@ -334,12 +349,19 @@ def _list_args(name: str) -> None:
               help="where the tables go  [default: RESULTS/leaderboards]")
 @click.option("--grid", "grids", multiple=True, type=click.Path(dir_okay=False),
               help="also render this grid file's table (Markdown, CSV, LaTeX; mean ± 95%% interval across seeds); repeatable")
-def leaderboard(results, out, grids) -> None:
-    """Re-render every table (Markdown + CSV) from the records alone."""
+@click.option("--html", "html_dir", default=None, type=click.Path(file_okay=False),
+              help="also write a static site here: index, one sortable page per --grid, the figures, a page per cell")
+@click.option("--figure", "figures", multiple=True, type=click.Path(dir_okay=False),
+              help="a PNG for the site  [default: RESULTS/*.png and RESULTS/sweeps/*.png]; repeatable")
+def leaderboard(results, out, grids, html_dir, figures) -> None:
+    """Re-render every table (Markdown + CSV) from the records alone; --html also writes a site."""
     from bench import records, tables
     from bench.grid import load_grid
 
     loaded = [load_grid(g) for g in grids]          # a bad grid file fails before anything is written
+    missing = [f for f in figures if not Path(f).is_file()]
+    if missing:
+        raise BenchError(f"--figure {missing[0]} does not exist")
     recs = records.load(Path(results))
     if not recs:
         raise BenchError(f"no records in {Path(results) / 'records.jsonl'}")
@@ -349,6 +371,13 @@ def leaderboard(results, out, grids) -> None:
     for g in loaded:
         for p in tables.render_grid(g, recs, out_dir):
             click.echo(str(p))
+    if html_dir:
+        from bench.site import build_site
+
+        figs = [Path(f) for f in figures] or sorted(Path(results).glob("*.png")) + \
+            sorted((Path(results) / "sweeps").glob("*.png"))
+        pages = build_site(recs, loaded, Path(html_dir), Path(results), figs)
+        click.echo(f"{pages[-1]} ({len(pages)} pages)")
 
 
 @cli.command()

@@ -1,14 +1,19 @@
-"""Grids: a YAML file names a set of cells; `run_grid` computes the missing ones on a pool of worker
-processes, scheduling by *stage* rather than by cell.
+"""Grids: a YAML file names a set of cells; `run_grid` computes the missing ones on an executor (a
+local process pool, a Slurm job array, a Ray cluster: ``bench/executors.py``), scheduling by *stage*
+rather than by cell.
 
 Every cell is a chain of cached stages (base -> clean / trigger -> backdoored -> defended ->
 evaluated), and cells share stages: every defense of one (model, attack, target, seed) reuses its
 base, clean and backdoored models. The scheduler builds one graph of the distinct stages all missing
-cells need (a stage is its cache key, so a shared stage appears once), hands a worker a stage only when
-the stages it reads are finished — so no worker waits on another's lock while holding cores — and
-writes a cell's records from the driver as soon as its last stage is done. Workers only fill the
-artifact cache; the driver is the only process that appends to `records.jsonl`. A killed grid
-resumes from its finished stages, and a cell already recorded is not run again.
+cells need (a stage is its cache key, so a shared stage appears once) and cuts it into *tasks*: the
+stages needed by exactly the same set of cells form one task, run in order by one worker (so a cell's
+own chain is one job, not six), and a cell's last task also builds its records. A task is handed out
+only when the tasks it reads from are finished, so no worker waits on another's lock while holding
+cores. Workers fill the artifact store (``bench/store.py``) and return records; the driver is the only
+process that writes the results dir (outputs files and ``records.jsonl``), so no lock has to work
+across machines. A task that fails for any reason but bad input is retried (``retries`` times, the
+same policy on every backend); a killed grid resumes from its finished stages, and a cell already
+recorded is not run again.
 
 Grid file (`leaderboards/*.yaml`)::
 
@@ -21,29 +26,38 @@ Grid file (`leaderboards/*.yaml`)::
       defense: [disp, random-drop]
     fixed: {attack: badnets}        # ... with these settings (any make_spec argument)
     cells: []                       # ... plus explicit extra cells (dicts of make_spec arguments)
+    resources:                      # optional: what one task asks for on slurm / ray (defaults shown)
+      cpus: 1                       #   also the task's torch threads (bench grid --threads overrides)
+      gpus: 0
+      mem_gb: null                  #   null: the backend's default
+      time_min: 120                 #   per stage; a task asks for the sum over its stages
+      partition: null               #   Slurm partition
+      slurm: {}                     #   extra sbatch options, e.g. {account: abc, qos: high}
+      stages: {base: {time_min: 600, gpus: 1}}   # per-stage overrides of the above
 """
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
-from tqdm.auto import tqdm
 
 from bench import records
-from bench.cache import ArtifactCache
-from bench.pipeline import DEFENDED_DEPS, Cell, make_spec, run_cell
+from bench.executors import Resources, check_executor, make_executor, parse_resources
+from bench.pipeline import DEFENDED_DEPS, Cell, make_spec, write_records
 from bench.spec import RunSpec
+from bench.store import location, open_store
+from bench.worker import run_task
 from core.errors import BenchError
 
-GRID_KEYS = {"name", "title", "seeds", "grid", "fixed", "cells", "layout"}
+GRID_KEYS = {"name", "title", "seeds", "grid", "fixed", "cells", "layout", "resources"}
 SPEC_ARGS = {"model", "attack", "target", "defense", "seed", "poison_rate", "scale", "task", "trainable", "recipe",
              "decoding", "prompt_template", "model_args", "task_args", "attack_args", "target_args", "defense_args"}
+STAGES = ("base", "clean", "trigger", "backdoored", "defended", "evaluated")
 
 
 @dataclass(frozen=True)
@@ -53,10 +67,27 @@ class Grid:
     cells: tuple            # make_spec keyword dicts, without seed
     seeds: tuple = (0,)
     layout: dict = field(default_factory=dict)
+    resources: Resources = Resources()
+    stage_resources: dict = field(default_factory=dict)     # stage -> Resources
 
     def specs(self, seeds: tuple | None = None) -> list[RunSpec]:
         """Every cell x seed as a validated spec (bad names or args fail here, before any work)."""
         return [make_spec(**cell, seed=s) for s in (seeds or self.seeds) for cell in self.cells]
+
+
+def _load_resources(raw: Any, path: Path) -> tuple[Resources, dict]:
+    """The grid file's ``resources:`` block: defaults for every stage, and per-stage overrides."""
+    if raw is None:
+        return Resources(), {}
+    if not isinstance(raw, dict):
+        raise BenchError(f"grid file {path}: resources must be a mapping (cpus, gpus, mem_gb, time_min, ...)")
+    raw = dict(raw)
+    per_stage = raw.pop("stages", None) or {}
+    base = parse_resources(raw, f"grid file {path}: resources")
+    if not isinstance(per_stage, dict) or set(per_stage) - set(STAGES):
+        raise BenchError(f"grid file {path}: resources.stages must map stage names ({', '.join(STAGES)}) "
+                         f"to resources, got {per_stage!r}")
+    return base, {st: parse_resources(r, f"grid file {path}: resources.stages.{st}", base) for st, r in per_stage.items()}
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -87,8 +118,9 @@ def load_grid(path: str | Path) -> Grid:
     if not cells:
         raise BenchError(f"grid file {path} names no cells (give grid lists or cells)")
     seeds = tuple(raw.get("seeds") or (0,))
+    res, stage_res = _load_resources(raw.get("resources"), path)
     return Grid(name=str(raw.get("name") or path.stem), title=str(raw.get("title") or ""), cells=tuple(cells),
-                seeds=seeds, layout=dict(raw.get("layout") or {}))
+                seeds=seeds, layout=dict(raw.get("layout") or {}), resources=res, stage_resources=stage_res)
 
 
 def recorded_specs(results_dir: Path) -> set[str]:
@@ -100,7 +132,7 @@ def recorded_specs(results_dir: Path) -> set[str]:
 STAGE_DEPS = {"base": [], "clean": ["base"], "trigger": [], "backdoored": ["base", "trigger"]}
 
 
-def stage_tasks(spec: RunSpec, cache: ArtifactCache) -> dict[str, tuple[tuple, list[tuple]]]:
+def stage_tasks(spec: RunSpec, cache) -> dict[str, tuple[tuple, list[tuple]]]:
     """The missing stages of one cell: label -> (task id, ids of the missing stages it reads). A task
     id is (stage, cache key), so two cells that share a stage share its task."""
     cell = Cell(spec, cache, log=lambda _: None)
@@ -113,80 +145,151 @@ def stage_tasks(spec: RunSpec, cache: ArtifactCache) -> dict[str, tuple[tuple, l
     return {label: (keys[label], [keys[d] for d in deps[label] if d in plan]) for label in plan}
 
 
-def _init_worker(threads: int, cache_dir: str | None) -> None:
-    import torch
+@dataclass
+class Task:
+    """Stages one worker runs in order (all needed by exactly the cells ``cells``), then, when
+    ``record`` is set, that cell's records."""
 
-    torch.set_num_threads(threads)
-    os.environ["TQDM_DISABLE"] = "1"
-    if cache_dir:
-        os.environ["BENCH_CACHE"] = cache_dir
+    id: int
+    stages: list                     # [(task id of the stage, RunSpec, label)] in dependency order
+    cells: frozenset
+    record: int | None = None        # index of the cell whose records this task builds
+    deps: set = field(default_factory=set)      # ids of the tasks it reads from
+    resources: Resources = Resources()
 
-
-def _run_stage(spec: RunSpec, label: str, cache_dir: str | None) -> str:
-    """In a worker: compute one stage of a cell into the cache (its inputs are cached already)."""
-    cell = Cell(spec, ArtifactCache(Path(cache_dir) if cache_dir else None), log=lambda _: None)
-    if label.startswith("evaluated_"):
-        row = label[len("evaluated_"):]
-        _, model_key, fn = next(r for r in cell.rows() if r[0] == row)
-        cell.evaluated(row, model_key, fn)
-    else:
-        {"base": cell.base, "clean": cell.clean, "trigger": cell.fitted_trigger,
-         "backdoored": cell.backdoored, "defended": cell.defended}[label]()
-    return label
+    def describe(self, todo: list[RunSpec]) -> str:
+        what = ", ".join(label for _, _, label in self.stages) or "records"
+        s = todo[self.record if self.record is not None else min(self.cells)]
+        return f"[{what}] of {s.model} {s.attack} {s.target} {s.defense} seed {s.seed}" + \
+            (f" (+{len(self.cells) - 1} cells)" if len(self.cells) > 1 else "")
 
 
-def run_grid(specs: list[RunSpec], results_dir: Path, cache_dir: Path | None = None, workers: int = 2,
-             threads: int = 1, log: Callable[[str], None] = print) -> dict:
-    """Compute and record every cell of `specs` that results_dir does not hold yet. Returns counts."""
+def plan_tasks(todo: list[RunSpec], cache, resources: Resources = Resources(),
+               stage_resources: dict | None = None) -> tuple[list[Task], int]:
+    """Cut the missing stages of the cells ``todo`` into tasks: one per set of cells that need exactly
+    the same stages (a stage's cells need every stage it reads, so a task reads only from tasks with a
+    larger cell set: the task graph has no cycle). Returns the tasks in a runnable order and the
+    number of distinct stages."""
+    stage_resources = stage_resources or {}
+    nodes: dict[tuple, dict] = {}                  # stage id -> {spec, label, deps, cells}
+    for i, spec in enumerate(todo):
+        for label, (tid, deps) in stage_tasks(spec, cache).items():
+            node = nodes.setdefault(tid, {"spec": spec, "label": label, "deps": set(deps), "cells": set()})
+            node["cells"].add(i)
+    for i, spec in enumerate(todo):                 # the cell's records: after its evaluated stages
+        evals = {tid for tid, n in nodes.items() if tid[0] == "evaluated" and i in n["cells"]}
+        nodes[("record", i)] = {"spec": spec, "label": "record", "deps": evals, "cells": {i}}
+    groups: dict[frozenset, list[tuple]] = {}
+    for tid, n in nodes.items():
+        groups.setdefault(frozenset(n["cells"]), []).append(tid)
+    # larger cell sets first: what many cells read runs before what fewer read
+    order = sorted(groups, key=lambda c: (-len(c), sorted(c)))
+    group_of = {tid: gi for gi, cells in enumerate(order) for tid in groups[cells]}
+    tasks = []
+    for gi, cells in enumerate(order):
+        members, ordered = set(groups[cells]), []
+        while members:                               # dependency order inside the task
+            ready = sorted((t for t in members if not (nodes[t]["deps"] & members)), key=str)
+            ordered += ready
+            members -= set(ready)
+        res = None
+        for tid in ordered:
+            if tid[0] != "record":
+                r = stage_resources.get(tid[0], resources)
+                res = r if res is None else res.merge(r)
+        tasks.append(Task(id=gi, cells=cells, stages=[(t, nodes[t]["spec"], nodes[t]["label"]) for t in ordered
+                                                      if t[0] != "record"],
+                          record=next((t[1] for t in ordered if t[0] == "record"), None),
+                          deps={group_of[d] for t in ordered for d in nodes[t]["deps"]} - {gi},
+                          resources=res or replace(resources, time_min=min(resources.time_min, 30))))
+    return tasks, sum(1 for tid in nodes if tid[0] != "record")
+
+
+def run_grid(specs: list[RunSpec], results_dir: Path, cache_dir: Path | str | None = None, workers: int = 2,
+             threads: int | None = None, log: Callable[[str], None] = print, executor: str | Any = "local",
+             retries: int = 2, resources: Resources = Resources(), stage_resources: dict | None = None,
+             executor_options: dict | None = None) -> dict:
+    """Compute and record every cell of `specs` that results_dir does not hold yet. Returns counts.
+
+    ``executor`` is a name (``local``, ``slurm``, ``ray``; ``executor_options`` go to its constructor)
+    or an object with ``submit_many`` and ``close``. ``threads`` (torch threads per task) overrides the
+    grid's ``resources.cpus``. A task that raises is resubmitted up to ``retries`` times; one that
+    reports bad input is not. Tasks that cannot run because a task they read from failed are skipped;
+    every other cell is still recorded, and the failures end in one BenchError."""
     results_dir = Path(results_dir)
+    if isinstance(executor, str):
+        check_executor(executor, **(executor_options or {}))
     records.check_writable(results_dir)
-    cache = ArtifactCache(cache_dir)
+    store = location(cache_dir)
+    cache = open_store(store)
+    if threads is not None:
+        resources = replace(resources, cpus=threads)
+        stage_resources = {k: replace(v, cpus=threads) for k, v in (stage_resources or {}).items()}
     done_specs = recorded_specs(results_dir)
     todo = [s for s in specs if records.spec_key(s.to_dict()) not in done_specs]
     log(f"grid: {len(specs)} cells, {len(specs) - len(todo)} already recorded, {len(todo)} to run")
-    graph: dict[tuple, tuple[RunSpec, str, set]] = {}          # task id -> (a spec that needs it, label, deps)
-    needs: dict[int, set] = {}
-    for i, spec in enumerate(todo):
-        tasks = stage_tasks(spec, cache)
-        needs[i] = {tid for tid, _ in tasks.values()}
-        for label, (tid, deps) in tasks.items():
-            graph.setdefault(tid, (spec, label, set(deps)))
-    log(f"grid: {len(graph)} distinct stages to compute on {workers} worker(s) at {threads} thread(s) each")
-    finished: set = set()
-    recorded = 0
+    tasks, n_stages = plan_tasks(todo, cache, resources, stage_resources)
+    if not tasks:
+        return {"cells": len(specs), "skipped": len(specs), "recorded": 0, "stages": 0}
+    from tqdm.auto import tqdm     # after the CLI has decided whether bars are on (bench/cli.py main)
 
-    def record_ready() -> None:
-        nonlocal recorded
-        for i in [i for i, n in needs.items() if n <= finished]:
-            spec = todo[i]
-            recorded += bool(run_cell(spec, results_dir, cache, log=lambda _: None, once=True))   # cached: records only
-            del needs[i]
-            log(f"cell {len(todo) - len(needs)}/{len(todo)} done: {spec.model} {spec.attack} {spec.target} "
-                f"{spec.defense} seed {spec.seed}")
-    record_ready()
-    if graph:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads, str(cache_dir) if cache_dir else None)) as pool, \
-                tqdm(total=len(graph), desc="grid stages", unit="stage") as bar:
-            running: dict = {}
-            while len(finished) < len(graph):
-                for tid, (spec, label, deps) in graph.items():
-                    if tid not in finished and tid not in running.values() and deps <= finished and len(running) < workers:
-                        fut = pool.submit(_run_stage, spec, label, str(cache_dir) if cache_dir else None)
-                        running[fut] = tid
+    ex = make_executor(executor, workers, resources.cpus, **(executor_options or {})) \
+        if isinstance(executor, str) else executor
+    name = getattr(ex, "name", type(ex).__name__)
+    log(f"grid: {n_stages} distinct stages in {len(tasks)} tasks on {name} executor, {workers} at a time, "
+        f"{resources.cpus} thread(s) each")
+    verbose = name != "local"
+    pending, done, failed, attempts = {t.id: t for t in tasks}, set(), {}, {}
+    running: dict = {}
+    recorded = cells_done = 0
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        with tqdm(total=n_stages, desc="grid stages", unit="stage") as bar:
+            while pending or running:
+                ready = [t for t in pending.values() if t.deps <= done][: max(0, workers - len(running))]
+                if ready:
+                    calls = [((([(spec, label) for _, spec, label in t.stages]),
+                               todo[t.record] if t.record is not None else None, store, t.resources.cpus, verbose),
+                              t.resources) for t in ready]
+                    for t, fut in zip(ready, ex.submit_many(run_task, calls)):
+                        running[fut] = pending.pop(t.id)
                 if not running:
-                    raise BenchError("grid: stages left that nothing can run (a dependency cycle?)")
-                ready, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in ready:
-                    tid = running.pop(fut)
-                    spec, label, _ = graph[tid]
+                    break                                   # the rest reads from failed tasks
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    t = running.pop(fut)
                     try:
-                        fut.result()
-                    except BenchError as e:
-                        raise BenchError(f"grid: {label} of {spec.model} {spec.attack} {spec.target} {spec.defense} "
-                                         f"seed {spec.seed}: {e}") from None
-                    finished.add(tid)
-                    bar.update(1)
-                record_ready()
-    return {"cells": len(specs), "skipped": len(specs) - len(todo), "recorded": recorded, "stages": len(graph)}
+                        out = fut.result()
+                    except BaseException as e:              # noqa: BLE001 - a crash, a kill, a lost node
+                        if isinstance(e, KeyboardInterrupt):
+                            raise
+                        attempts[t.id] = attempts.get(t.id, 0) + 1
+                        why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                        if attempts[t.id] <= retries:
+                            log(f"task {t.describe(todo)} failed ({why}); retry {attempts[t.id]}/{retries}")
+                            pending[t.id] = t
+                        else:
+                            failed[t.id] = f"{t.describe(todo)}: {why} (after {retries} retries)"
+                        continue
+                    if "error" in out:                      # bad input: the same on every try
+                        failed[t.id] = f"{t.describe(todo)}: {out['error']}"
+                        continue
+                    done.add(t.id)
+                    bar.update(len(t.stages))
+                    if out.get("records") is not None:
+                        spec = todo[t.record]
+                        recorded += bool(write_records(results_dir, out["records"], once=True))
+                        cells_done += 1
+                        log(f"cell {cells_done}/{len(todo)} done: {spec.model} {spec.attack} {spec.target} "
+                            f"{spec.defense} seed {spec.seed} ({time.perf_counter() - t0:.0f}s)")
+        ok = True
+    finally:
+        if isinstance(executor, str):              # an executor we made is ours to close
+            ex.close(cancel=not ok)
+    if failed:
+        skipped = len(pending)
+        first = next(iter(failed.values()))
+        raise BenchError(f"grid: {len(failed)} task(s) failed{f', {skipped} not run because they read from one' if skipped else ''}; "
+                         f"{recorded} cells recorded; first failure: {first}; rerun the grid to resume")
+    return {"cells": len(specs), "skipped": len(specs) - len(todo), "recorded": recorded, "stages": n_stages}

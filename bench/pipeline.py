@@ -476,6 +476,28 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
     results_dir = Path(results_dir)
     cell = Cell(spec, cache or ArtifactCache(), log)      # pre-flight: bad input stops here, nothing written
     records.check_writable(results_dir)
+    return write_records(results_dir, cell_records(cell), once=once)
+
+
+def write_records(results_dir: Path, recs: list[tuple[dict, list[dict]]], once: bool = False) -> list[dict]:
+    """Write each row's per-sample outputs, then append the rows' records in one locked write (the
+    only writes to a results dir). With `once` and the cell already recorded, nothing is kept: the
+    outputs just written are removed and [] is returned."""
+    written = [records.write_outputs(results_dir, rec["outputs"], rows) for rec, rows in recs]
+    out = [{**rec, "outputs": str(rel)} for (rec, _), rel in zip(recs, written)]
+    if not records.append_many(results_dir, out, once=once):
+        for rel in written:
+            (Path(results_dir) / rel).unlink(missing_ok=True)
+        return []
+    return out
+
+
+def cell_records(cell: Cell) -> list[tuple[dict, list[dict]]]:
+    """Compute (or load) every stage of a cell and build its records, one per row, each with the
+    per-sample output rows it points at, without writing anything: a grid worker returns these and
+    the driver writes them (``write_records``). A record's ``outputs`` holds its run id and row
+    until it is written, then the outputs file's path."""
+    spec = cell.spec
     cell.verify_cached()
     cell.run_stages()
     cell.fitted_trigger()                       # its fit report, also when every stage was cached
@@ -498,7 +520,7 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
                     "spec": spec.to_dict(), "row": row, "uses_oracle": uses_oracle, "metrics": metrics,
                     "defender_data": {"oracle": uses_oracle, "clean_slice": int(cell.defense.clean_slice)
                                       if row not in ROW_STAGE else 0, "hook": None if row in ROW_STAGE else cell.defense.kind},
-                    "outputs": str(records.write_outputs(results_dir, f"{run_id}-{row}", ev["rows"])),
+                    "outputs": f"{run_id}-{row}",
                     "object_accuracy": ev.get("object_accuracy", {}), "stage_info": stage_info, "trigger": {"key": cell.keys["trigger"], "report": cell.trigger_report},
                     "stage_keys": {"model": model_key, "evaluated": ev["key"]}, "lineage": lineage,
                     "protocol": {"cp": CP_PROTOCOL, "asr": type(cell.target).__doc__.strip().splitlines()[0],
@@ -513,6 +535,4 @@ def run_cell(spec: RunSpec, results_dir: Path, cache: ArtifactCache | None = Non
                     "timings": dict(cell.timings),
                     "versions": producer.get("versions"), "code_revision": producer.get("code_revision"),
                     "recorded_by": provenance()})
-    if not records.append_many(results_dir, out, once=once):
-        return []
-    return out
+    return [(rec, evaluated[rec["row"]]["rows"]) for rec in out]

@@ -640,13 +640,18 @@ def grid_table(grid, records: Sequence[Mapping]) -> tuple[pd.DataFrame, list[Map
     return pd.DataFrame(table, index=index, columns=columns), used
 
 
+def grid_provenance(used: Sequence[Mapping]) -> str:
+    """The one-line header of a grid table: records, seeds and code revisions behind it."""
+    seeds = sorted({_spec(r).get("seed") for r in used})
+    revisions = sorted({str(r.get("code_revision"))[:10] for r in used if r.get("code_revision")})
+    return (f"{len(used)} records · seeds {', '.join(map(str, seeds)) or 'none'} · code revision(s) "
+            f"{', '.join(revisions) or '-'} · mean ± 95% t-interval across seeds · '{MISSING}' = not computed")
+
+
 def render_grid(grid, records: Sequence[Mapping], out_dir: Path) -> list[Path]:
     """`{name}.md` (with a one-line provenance header), `.csv` and `.tex` for one grid file."""
     df, used = grid_table(grid, records)
-    seeds = sorted({_spec(r).get("seed") for r in used})
-    revisions = sorted({str(r.get("code_revision"))[:10] for r in used if r.get("code_revision")})
-    head = (f"{len(used)} records · seeds {', '.join(map(str, seeds)) or 'none'} · code revision(s) "
-            f"{', '.join(revisions) or '-'} · mean ± 95% t-interval across seeds · '{MISSING}' = not computed")
+    head = grid_provenance(used)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     flat = _flat_columns(df).reset_index()

@@ -29,6 +29,18 @@ fixed:
   decoding: {steps: 4}
 """
 
+# Smaller still, for tests that check structure rather than timing (every stage still runs).
+TINY = """
+fixed:
+  attack: badnets
+  target: insertion
+  model_args: {enc_dim: 16, enc_layers: 2, enc_heads: 1, d_model: 16, n_layers: 1, n_heads: 1, mlp_hidden: 32,
+               mim_epochs: 1, base_epochs: 1}
+  task_args: {n_base: 32, n_pool: 40, n_test: 4, n_mc: 4, n_encoder: 32}
+  recipe: {epochs: 1}
+  decoding: {steps: 4}
+"""
+
 
 def write(tmp_path, body: str, name: str = "g.yaml") -> Path:
     p = tmp_path / name
@@ -61,7 +73,7 @@ def test_grid_expands_the_cross_product_with_fixed_settings_and_extra_cells(tmp_
 
 def test_shared_stages_are_one_task_and_only_missing_cells_run(tmp_path):
     cache = tmp_path / "cache"
-    g = load_grid(write(tmp_path, "name: t\ngrid: {defense: [pruning, random-drop]}\n" + SMALL))
+    g = load_grid(write(tmp_path, "name: t\ngrid: {defense: [pruning, random-drop]}\n" + TINY))
     specs = g.specs()
     a, b = (stage_tasks(s, ArtifactCache(cache)) for s in specs)
     shared = {tid for tid, _ in a.values()} & {tid for tid, _ in b.values()}
@@ -128,11 +140,21 @@ def test_two_grids_on_one_results_dir_record_each_cell_once(tmp_path):
     assert sorted(len(rows) for rows in cells.values()) == [2, 3, 3]           # each cell's rows exactly once
 
 
-@pytest.mark.parametrize("name", ["mdlm-main", "triggers", "ar-crossview", "cross-product", "poison-rate"])
+@pytest.mark.parametrize("name", ["mdlm-main", "triggers", "ar-crossview", "cross-product", "poison-rate", "committed"])
 def test_committed_grid_files_are_valid(name):
     g = load_grid(ROOT / "leaderboards" / f"{name}.yaml")
     specs = g.specs()                         # every cell resolves: names, args, capabilities at run time
     assert specs and g.name == name
+
+
+def test_regenerate_runs_grids_whose_cells_cover_every_committed_record():
+    """leaderboards/regenerate.sh is bench grid on committed.yaml: each committed record is one of its
+    cells, so a rerun resumes (skips them) instead of adding a second record per cell."""
+    keys = {records.spec_key(s.to_dict()) for s in load_grid(ROOT / "leaderboards" / "committed.yaml").specs()}
+    recs = records.load(ROOT / "leaderboards")
+    assert recs and all(records.spec_key(r["spec"]) in keys for r in recs)
+    script = (ROOT / "leaderboards" / "regenerate.sh").read_text()
+    assert '"$bench" grid' in script and '"$bench" run' not in script
 
 
 def test_grid_table_means_over_seeds_and_marks_missing_cells(tmp_path):
