@@ -87,7 +87,10 @@ CELL_OPTIONS = [
     click.option("--lr", default=None, type=float, help="victim fine-tune peak lr (> 0)  [default: 1e-3]"),
     click.option("--epochs", default=None, type=int, help="victim fine-tune epochs (>= 1)  [default: 20]"),
     click.option("--steps", default=None, type=int, help="sampler steps, a multiple of the blocks  [default: the model family's; llada-v 32, lavida 16]"),
-    click.option("--gen-length", default=None, type=int, help="answer tokens  [default: 32]"),
+    click.option("--gen-length", default=None, type=int, help="answer tokens the sampler decodes  [default: 32]"),
+    click.option("--train-length", default=None, type=int,
+                 help="answer tokens training fits every response into (EOS-padded; a longer response is refused)  "
+                      "[default: --gen-length]"),
     click.option("--block-length", default=None, type=int, help="semi-autoregressive block, divides gen-length  [default: the family's; llada-v 8, lavida 32]"),
     click.option("--remasking", default=None, help="low_confidence | random  [default: low_confidence]"),
     click.option("--attack-arg", multiple=True, help="key=value, repeatable; keys and defaults: bench list --args ATTACK"),
@@ -112,12 +115,12 @@ def cell_options(f):
 
 def _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps,
                gen_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg,
-               defense_args: dict | None = None, weights: str | None = None):
+               defense_args: dict | None = None, weights: str | None = None, train_length: int | None = None):
     from core import registry
     from bench.pipeline import make_spec, task_defaults
     from core.params import coerce_params
 
-    recipe = {k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None}
+    recipe = {k: v for k, v in dict(lr=lr, epochs=epochs, train_length=train_length).items() if v is not None}
     decoding = {k: v for k, v in dict(steps=steps, gen_length=gen_length, block_length=block_length,
                                       remasking=remasking).items() if v is not None}
     entry = registry.get("models", model)
@@ -136,7 +139,8 @@ def _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, t
 @cli.command()
 @cell_options
 def run(model, scale, weights, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps, gen_length,
-        block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg, results, cache) -> None:
+        train_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg, results,
+        cache) -> None:
     """Run one cell (training what it needs) and print the DiSP Table 1 layout for it."""
     import torch
 
@@ -147,7 +151,7 @@ def run(model, scale, weights, task, attack, target, defense, poison_rate, seed,
     torch.set_num_threads(_threads())
     spec = _spec_from(model, scale, task, attack, target, defense, poison_rate, seed, trainable, lr, epochs, steps,
                       gen_length, block_length, remasking, attack_arg, target_arg, defense_arg, model_arg, task_arg,
-                      weights=weights)
+                      weights=weights, train_length=train_length)
     recs = run_cell(spec, Path(results), ArtifactCache(Path(cache) if cache else None), log=lambda m: click.echo(m, err=True))
     df = tables.table1(recs, spec.model, spec.attack, [spec.target])
     click.echo(f"\n{spec.model} ({spec.scale}) · {spec.attack} · target {spec.target} · poison {spec.poison_rate:g} · "

@@ -24,6 +24,7 @@ import numpy as np
 
 from attacks.base import poison, poison_counts, triggered
 from bench import records
+from bench import responses as victim_responses
 from bench.cache import ArtifactCache
 from bench.evaluate import CP_PROTOCOL, evaluate
 from bench.metrics import paired_delta
@@ -42,11 +43,12 @@ LINEAGE = {"clean": ("base", "clean", "trigger"), "backdoored": ("base", "trigge
 # What the defended stage starts from, by the defense's hook (Defense.kind).
 DEFENDED_DEPS = {"purify": ["backdoored", "trigger"], "guard": ["backdoored", "trigger"], "none": ["backdoored", "trigger"],
                  "filter": ["base", "backdoored", "trigger"], "objective": ["base", "trigger"]}
-STAGE_LABEL = {"base": "base model (encoder MIM + LM)", "clean": "clean fine-tune", "trigger": "trigger fit",
+STAGE_LABEL = {"base": "base model (encoder MIM + LM)", "responses": "base model's answers to the pool",
+               "clean": "clean fine-tune", "trigger": "trigger fit",
                "backdoored": "backdoor fine-tune", "defended": "defense"}
 # Rough seconds per stage at the default tiny config on 2 cores (README "Performance"); the ETA scales
 # them by how fast this machine has been so far in the run.
-EXPECTED_S = {"base": 254.0, "clean": 58.0, "trigger": 5.0, "backdoored": 59.0, "defended": 51.0, "evaluated": 11.0}
+EXPECTED_S = {"base": 254.0, "responses": 10.0, "clean": 58.0, "trigger": 5.0, "backdoored": 59.0, "defended": 51.0, "evaluated": 11.0}
 
 
 def stage_state(model) -> dict:
@@ -106,6 +108,8 @@ def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = 
         kw["decoding"] = Decoding(**{**Decoding().__dict__, **(decoding or {})})
     except TypeError as e:
         raise BenchError(f"bad recipe/decoding setting: {e}") from None
+    if kw["recipe"].train_length is None:       # the record holds the resolved training answer window
+        kw["recipe"] = dataclasses.replace(kw["recipe"], train_length=kw["decoding"].gen_length)
     if prompt_template:
         kw["prompt_template"] = prompt_template
     return RunSpec(**kw)
@@ -119,16 +123,27 @@ def stage_keys(spec: RunSpec, root: Path | None = None) -> dict[str, str]:
     s = spec
     entry, task_cls = get("models", s.model), get("tasks", s.task)
     trig_cls, tgt_cls, def_cls = get("attacks", s.attack), get("targets", s.target), get("defenses", s.defense)
-    task_id = {"stage": "task", "task": s.task, "task_args": s.task_args, "seed": s.seed, "code": code_hash(task_cls, root=root)}
+    # the task's data, without where the pool's responses come from (that is the responses stage's), so
+    # the dataset and victim variants share the task, the trigger and the base
+    task_args = tuple((n, v) for n, v in s.task_args if n != "responses")
+    task_id = {"stage": "task", "task": s.task, "task_args": task_args, "seed": s.seed, "code": code_hash(task_cls, root=root)}
     if hasattr(task_cls, "fingerprint"):      # a real-data task: the content of its annotation files too
         task_id["data"] = task_cls.fingerprint(s.args("task"))
     k = {"task": digest(task_id)}
+    # the base trains answers of the training window (a tiny replica's base; a published one ignores it)
     k["base"] = digest({"stage": "base", "model": s.model, "scale": s.scale, "model_args": s.model_args,
-                        "task": k["task"], "template": s.prompt_template, "gen_length": s.decoding.gen_length,
+                        "task": k["task"], "template": s.prompt_template, "gen_length": s.train_length,
                         "code": code_hash(entry, root=root)})
     pool = tgt_cls(**s.args("target")).pool_population()   # the target's fine-tuning pool
-    k["clean"] = digest({"stage": "clean", "base": k["base"], "recipe": s.recipe, "trainable": s.trainable,
-                         "pool": pool, "code": code_hash("models/train.py", root=root)})
+    clean = {"stage": "clean", "base": k["base"], "recipe": s.recipe, "trainable": s.trainable,
+             "pool": pool, "code": code_hash("models/train.py", root=root)}
+    if response_source(s) == "victim":
+        # the base model's own answers to the pool: from the base, the task, the pool and the decoding
+        # only (never the attack, target or poison rate), so Clean and Backdoored rows share them
+        k["responses"] = digest({"stage": "responses", "base": k["base"], "task": k["task"], "pool": pool,
+                                 "decoding": s.decoding, "code": code_hash("bench/responses.py", root=root)})
+        clean["responses"] = k["responses"]
+    k["clean"] = digest(clean)
     k["trigger"] = digest({"stage": "trigger", "attack": s.attack, "args": s.attack_args, "seed": s.seed,
                            "task": k["task"], "code": code_hash(trig_cls, root=root)})
     k["backdoored"] = digest({"stage": "backdoored", "clean_recipe": k["clean"], "trigger": k["trigger"],
@@ -139,6 +154,12 @@ def stage_keys(spec: RunSpec, root: Path | None = None) -> dict[str, str]:
                             "code": code_hash(def_cls, root=root)})
     k["eval_code"] = code_hash("bench/evaluate.py", tgt_cls, root=root)
     return k
+
+
+def response_source(spec: RunSpec) -> str:
+    """Where the pool's training responses come from: the dataset's captions, or the base victim's own
+    generations (a real task's ``responses`` arg; DiSP App. B.1)."""
+    return str(spec.args("task").get("responses", "dataset"))
 
 
 def _fmt_s(seconds: float) -> str:
@@ -195,18 +216,48 @@ class Cell:
                 self.text_tok.encode(text)
             except ValueError as e:
                 raise BenchError(f"{what}: {e}") from None
-        pool = self.pool()
+        if self.victim_responses:
+            # the pool's responses are the base model's answers, known once it has generated them: their
+            # lengths are checked then (check_lengths), before any training; poisoning counts need them too
+            return
+        self.check_lengths(self.task_pool())
+
+    def check_lengths(self, pool: list) -> None:
+        """Every training response — base samples, the pool's, the target's rewrites of the eligible ones —
+        fits the training answer window with its <eos> (<|eot_id|> at full scale).
+
+        A longer one is refused, not truncated: DiSP trains on the model's own generations (App. B.1), which
+        are as long as the decoding window, so its protocol never cuts a response; cutting dataset captions
+        silently would change what is learnt (a misclassification word or the end of a description past the
+        cut would vanish from the poisoned set). The message names the option that fixes it."""
         eligible, _, _ = poison_counts(pool, self.trigger, self.target, self.spec.poison_rate)
         responses = [x.response for x in self.task.base_samples() + pool] + [self.target.rewrite(pool[i]) for i in eligible]
         longest = max(len(self.text_tok.encode(r)) for r in responses)
-        if longest + 1 > self.spec.decoding.gen_length:      # every answer ends with <eos> (<|eot_id|> at full scale)
-            raise BenchError(f"gen_length {self.spec.decoding.gen_length} cannot hold the longest training response "
-                             f"({longest} tokens + <eos>); use --gen-length {longest + 1} or more")
+        if longest + 1 > self.spec.train_length:
+            raise BenchError(f"train_length {self.spec.train_length} cannot hold the longest training response "
+                             f"({longest} tokens + <eos>); use --train-length {longest + 1} or more "
+                             "(the training answer window; --gen-length sets decoding only)")
 
     # ---- helpers -------------------------------------------------------------------------------
-    def pool(self) -> list:
-        """The fine-tuning pool of this cell's target (diverse, or its source-class pool)."""
+    @property
+    def victim_responses(self) -> bool:
+        return response_source(self.spec) == "victim"
+
+    def task_pool(self) -> list:
+        """The task's fine-tuning pool for this cell's target (diverse, or its source-class pool), with the
+        dataset's responses."""
         return self.task.pool(self.target.pool_population())
+
+    def pool(self) -> list:
+        """The pool every fine-tune trains on: the task's, with the base model's own answers as responses
+        when the task asks for them (``responses`` stage; their lengths checked on first use)."""
+        if not self.victim_responses:
+            return self.task_pool()
+        out = victim_responses.with_responses(self.task_pool(), self.responses())
+        if not getattr(self, "_lengths_checked", False):
+            self.check_lengths(out)
+            self._lengths_checked = True
+        return out
 
     def _stage(self, name: str, key: str, compute: Callable[[], Any], label: str | None = None) -> Any:
         """Load or compute one stage (memoized for the run); timings[label] = seconds computing it."""
@@ -268,15 +319,28 @@ class Cell:
         r = self.spec.recipe
         return finetune(model, samples, trainable=trainable or self.spec.trainable, lr=r.lr,
                         epochs=r.epochs if epochs is None else epochs, batch_size=r.batch_size,
-                        seed=self.spec.seed, gen_length=self.spec.decoding.gen_length, desc=desc, on_epoch=on_epoch, objective=objective)
+                        seed=self.spec.seed, gen_length=self.spec.train_length, desc=desc, on_epoch=on_epoch,
+                        objective=objective)
 
     # ---- stages --------------------------------------------------------------------------------
     def base(self) -> dict:
         def compute():
             m = self.fresh_model()
-            info = self.entry.train_base(m, self.task, self.spec.seed, self.spec.decoding.gen_length)
+            info = self.entry.train_base(m, self.task, self.spec.seed, self.spec.train_length)
             return {"state": stage_state(m), "info": info}
         return self._stage("base", self.keys["base"], compute)
+
+    def responses(self) -> dict:
+        """The clean base model's answers to the pool's images and instruction (bench.responses), in pool
+        order; a curator's step, before any poisoning."""
+        def compute():
+            pool = self.task_pool()
+            texts = victim_responses.generate_responses(self.model_from(self.base()["state"]), pool,
+                                                        self.spec.decoding, self.spec.seed)
+            ids = [s.meta.get("image_id", s.meta.get("id")) for s in pool]
+            return {"ids": ids, "responses": texts, "decoding": str(self.spec.decoding),
+                    "info": {"n": len(texts), "empty": sum(not t for t in texts)}}
+        return self._stage("responses", self.keys["responses"], compute)
 
     def clean(self) -> dict:
         def compute():
@@ -402,7 +466,12 @@ class Cell:
 
     def data_record(self) -> dict | None:
         """What the record stores about a real-data task: files, hash, prompt, every split's ids."""
-        return self.task.manifest() if hasattr(self.task, "manifest") else None
+        if not hasattr(self.task, "manifest"):
+            return None
+        out = self.task.manifest()
+        out["responses"] = (victim_responses.summary(self.responses()) | {"key": self.keys["responses"]}
+                            if self.victim_responses else {"source": "dataset"})
+        return out
 
     def rows(self) -> list[tuple[str, str, Callable[[], dict]]]:
         """(row name, model stage key, artifact getter) in table order."""
@@ -418,7 +487,11 @@ class Cell:
         """The stages this run must compute, in the order they run (dependencies first); cached ones and
         those only a cached stage needed are left out."""
         deps = {"base": [], "clean": ["base"], "trigger": [], "backdoored": ["base", "trigger"],
-                "defended": DEFENDED_DEPS.get(self.defense.kind, ["backdoored", "trigger"])}
+                "defended": list(DEFENDED_DEPS.get(self.defense.kind, ["backdoored", "trigger"]))}
+        if self.victim_responses:       # every stage that reads the pool needs the base model's answers first
+            deps["responses"] = ["base"]
+            for stage in ("clean", "backdoored", "defended"):
+                deps[stage] = ["responses", *deps[stage]]
         order: list[str] = []
 
         def need(stage: str) -> None:
@@ -429,6 +502,8 @@ class Cell:
             order.append(stage)
         for row, model_key, _ in self.rows():
             if not self.cache.has("evaluated", self.eval_key(model_key)):
+                if self.victim_responses:
+                    need("responses")
                 need(self.row_stage(row))
                 need("trigger")
                 order.append(f"evaluated_{row}")
@@ -439,7 +514,7 @@ class Cell:
         self._plan = self.plan()
         if self._plan:
             self.log(f"plan: {len(self._plan)} stage(s) to compute: {', '.join(self._plan)}")
-        getters = {"base": self.base, "clean": self.clean, "trigger": self.fitted_trigger,
+        getters = {"base": self.base, "responses": self.responses, "clean": self.clean, "trigger": self.fitted_trigger,
                    "backdoored": self.backdoored, "defended": self.defended}
         rows = {f"evaluated_{r}": (r, k, fn) for r, k, fn in self.rows()}
         for stage in self._plan:
@@ -450,7 +525,8 @@ class Cell:
 
     def verify_cached(self) -> None:
         """Check every cached entry this cell will read, so a corrupt one stops the run before it writes."""
-        entries = [(s, self.keys[s]) for s in ("base", "clean", "trigger", "backdoored", "defended")]
+        entries = [(s, self.keys[s]) for s in ("base", "responses", "clean", "trigger", "backdoored", "defended")
+                   if s in self.keys]
         entries += [("evaluated", self.eval_key(k)) for _, k, _ in self.rows()]
         for stage, key in entries:
             if self.cache.has(stage, key):
@@ -461,7 +537,10 @@ class Cell:
         out = {}
         stage_of = self.row_stage(row)
         kind = "defended:objective" if stage_of == "defended" and self.defense.kind == "objective" else stage_of
-        for stage in LINEAGE[kind]:
+        stages = LINEAGE[kind]
+        if self.victim_responses:       # every row's training pool carries the base model's answers
+            stages = ("base", "responses") + stages[1:]
+        for stage in stages:
             meta = self.cache.meta(stage, self.keys[stage]) if self.cache.has(stage, self.keys[stage]) else {}
             out[stage] = {"key": self.keys[stage], "provenance": meta.get("provenance"), "info": meta.get("info")}
         meta = self.cache.meta("evaluated", eval_key)

@@ -40,11 +40,17 @@ class Decoding:
 @dataclass(frozen=True)
 class Recipe:
     """The victim's fine-tuning recipe (with RunSpec.trainable), used alike for the Clean, Backdoored
-    and defended rows."""
+    and defended rows.
+
+    ``train_length`` is the answer window training fits every response into (EOS-padded, LLaDA's SFT
+    recipe), apart from ``Decoding.gen_length``, the window the sampler fills at evaluation: DiSP decodes
+    ASR with gen_length = 32 (App. B.1) while its CC-SBU-Align training responses run longer. None means
+    "the decoding's gen_length" (``RunSpec.train_length``; ``make_spec`` records the resolved number)."""
 
     lr: float = 1e-3
     epochs: int = 20
     batch_size: int = 32
+    train_length: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
@@ -52,6 +58,8 @@ class Recipe:
             raise BenchError(f"lr must be a positive number, got {self.lr!r}")
         _check_int("epochs", self.epochs, minimum=1)
         _check_int("batch_size", self.batch_size, minimum=1)
+        if self.train_length is not None:
+            _check_int("train_length", self.train_length, minimum=1)
 
 
 def _check_int(name: str, value: Any, minimum: int, limit: int | None = None) -> None:
@@ -60,6 +68,11 @@ def _check_int(name: str, value: Any, minimum: int, limit: int | None = None) ->
     if not ok:
         bound = f">= {minimum}" if limit is None else f"in [{minimum}, {'2^32' if limit == 2 ** 32 else limit})"
         raise BenchError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def answer_window(recipe: Recipe, decoding: Decoding) -> int:
+    """The training answer window of a recipe: its train_length, or the decoding's gen_length when unset."""
+    return int(recipe.train_length) if recipe.train_length is not None else int(decoding.gen_length)
 
 
 def freeze(params: Mapping[str, Any] | None) -> tuple:
@@ -101,6 +114,11 @@ class RunSpec:
             raise BenchError("recipe and decoding must be Recipe and Decoding instances")
         if "{prompt}" not in self.prompt_template or "<image>" not in self.prompt_template:
             raise BenchError("prompt template must contain <image> and {prompt}")
+
+    @property
+    def train_length(self) -> int:
+        """Answer tokens every training response is fitted into (recipe.train_length, else gen_length)."""
+        return answer_window(self.recipe, self.decoding)
 
     def args(self, kind: str) -> dict:
         """The resolved params of one part: kind in model|task|attack|target|defense."""

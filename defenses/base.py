@@ -47,13 +47,19 @@ class DefenderSpec:
     model: str
     scale: str
     trainable: str
-    recipe: object          # bench.spec.Recipe: lr, epochs, batch_size
+    recipe: object          # bench.spec.Recipe: lr, epochs, batch_size, train_length
     decoding: object        # bench.spec.Decoding
     prompt_template: str
     model_args: tuple
     defense: str
     defense_args: tuple
     seed: int               # the defender's own seed, derived from the task seed by a one-way hash
+
+    @property
+    def train_length(self) -> int:
+        """The answer window training fits responses into (the recipe's, else the decoding's gen_length)."""
+        n = getattr(self.recipe, "train_length", None)
+        return int(n) if n is not None else int(self.decoding.gen_length)
 
 
 def defender_seed(seed: int) -> int:

@@ -153,7 +153,7 @@ class DiSP(Defense):
             vmask = select_mask(scores, cfg.mask_ratio, cfg.mask, g)
             out = model.decode(model.generate(batch, dec, visual_mask=vmask, generator=g))
             for s, text in zip(chunk, out):
-                text, cut = fit_answer(model, text, dec.gen_length)
+                text, cut = fit_answer(model, text, spec.train_length)   # the training window, not decoding's
                 truncated += cut
                 changed += text != s.response
                 purified.append(s.with_(response=text))

@@ -73,7 +73,7 @@ class FinePruning(Defense):
         return self.cfg.clean_size
 
     def purify(self, model, data, ctx):
-        gen = ctx.spec.decoding.gen_length
+        gen = ctx.spec.train_length          # teacher-forced on clean responses: the training answer window
         clean = ctx.clean
         order = mean_activation(model, clean, gen).argsort()          # least active first
         n = len(order)

@@ -36,8 +36,9 @@ class Flickr8kDogs(RealTask):
     expected = f"{TOKENS} and {IMAGES}/ (the Flickr8k release)"
 
     def __init__(self, seed: int = 0, data: str = "", n_pool: int = 500, n_test: int = 200,
-                 n_triggered: int = 200, prompt: str = DISP_PROMPT, image_size: int = 0):
-        super().__init__(seed, data, n_pool, n_test, n_triggered, prompt, image_size)
+                 n_triggered: int = 200, prompt: str = DISP_PROMPT, image_size: int = 0,
+                 responses: str = "dataset"):
+        super().__init__(seed, data, n_pool, n_test, n_triggered, prompt, image_size, responses)
 
     @classmethod
     def annotation_files(cls, root: Path) -> list[Path]:

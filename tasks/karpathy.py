@@ -31,9 +31,10 @@ class KarpathyTask(RealTask):
     caption_tokenizer = "ptb"
 
     def __init__(self, seed: int = 0, data: str = "", n_pool: int = 1000, n_test: int = 0,
-                 n_triggered: int = 1000, prompt: str = CAPTION_PROMPT, image_size: int = 0):
+                 n_triggered: int = 1000, prompt: str = CAPTION_PROMPT, image_size: int = 0,
+                 responses: str = "dataset"):
         require_java(f"task {self.name}")
-        super().__init__(seed, data, n_pool, n_test, n_triggered, prompt, image_size)
+        super().__init__(seed, data, n_pool, n_test, n_triggered, prompt, image_size, responses)
 
     @classmethod
     def annotation_files(cls, root: Path) -> list[Path]:

@@ -31,6 +31,9 @@ from tasks.synthetic import split_rng
 
 DISP_PROMPT = "Describe this image in detail."   # DiSP §4.1 / App. B: the instruction of its ASR runs
 SPLITS = ("pool", "test", "test_triggered")
+# Where the pool's training responses come from: the dataset's own captions, or the clean base victim's
+# generations for each pool image and the task's prompt (DiSP App. B.1; the pipeline's responses stage).
+RESPONSE_SOURCES = ("dataset", "victim")
 # The 80 COCO object categories (COCO 2014 instances annotations): the nouns a real task can name as a
 # misclassification source or target (DiSP: dog -> boat).
 COCO_CATEGORIES = (
@@ -144,7 +147,10 @@ class RealTask:
 
     Split sizes are task args (defaults: the paper's); ``n_test`` / ``n_triggered`` 0 means every
     candidate of the source. ``image_size`` 0 keeps the published resolution. ``prompt`` is the
-    instruction of every sample (recorded in spec.task_args)."""
+    instruction of every sample (recorded in spec.task_args). ``responses`` = "victim" asks the pipeline
+    to replace the pool's responses by the base model's own answers before poisoning (DiSP App. B.1:
+    "we replace the original responses with model-generated outputs from LLaDA-V"); the task itself
+    always serves the dataset's, the test splits' references stay the dataset's captions."""
 
     name = "real"
     categories: tuple[str, ...] = ()
@@ -156,8 +162,11 @@ class RealTask:
     caption_tokenizer = "simple"
 
     def __init__(self, seed: int = 0, data: str = "", n_pool: int = 1000, n_test: int = 200,
-                 n_triggered: int = 200, prompt: str = DISP_PROMPT, image_size: int = 0):
+                 n_triggered: int = 200, prompt: str = DISP_PROMPT, image_size: int = 0, responses: str = "dataset"):
         self.seed, self.data, self.prompt = int(seed), str(data), str(prompt)
+        if responses not in RESPONSE_SOURCES:
+            raise BenchError(f"task arg responses must be one of {', '.join(RESPONSE_SOURCES)}, got {responses!r}")
+        self.responses = str(responses)
         self.n_pool, self.n_test, self.n_triggered, self.image_size = int(n_pool), int(n_test), int(n_triggered), int(image_size)
         if self.n_pool < 1:
             raise BenchError(f"task arg n_pool must be >= 1, got {self.n_pool}")
@@ -242,6 +251,7 @@ class RealTask:
         prompt, the split sizes and every split's ids."""
         return {"task": self.name, "data": str(self.root), "fingerprint": self.fingerprint({"data": self.data}),
                 "prompt": self.prompt, "image_size": self.image_size, "seed": self.seed,
+                "response_source": self.responses,
                 "sizes": {k: len(v) for k, v in self._plan.items()}, "ids": self.split_ids()}
 
     # ---- samples --------------------------------------------------------------------------------

@@ -65,7 +65,13 @@ CASES = [
     pytest.param(["--task-arg", "n_test=-1"], {}, "task arg n_test must be >= 1, got -1", id="task-negative-split"),
     pytest.param(["--defense-arg", "n_probes=0"], {}, "disp n_probes must be >= 1, got 0", id="disp-no-probes"),
     pytest.param(["--defense-arg", "batch_size=0"], {}, "disp batch_size must be >= 1, got 0", id="disp-batch-0"),
-    pytest.param(["--gen-length", "8", "--block-length", "8", "--steps", "8"], {}, "gen_length 8 cannot hold the longest training response (26 tokens + <eos>)", id="gen-length-too-short"),
+    # the training window defaults to --gen-length; the message names the option that widens it
+    pytest.param(["--gen-length", "8", "--block-length", "8", "--steps", "8"], {},
+                 "train_length 8 cannot hold the longest training response (26 tokens + <eos>); use --train-length 27",
+                 id="train-length-defaults-to-gen-length-too-short"),
+    pytest.param(["--train-length", "16"], {}, "train_length 16 cannot hold the longest training response (26 tokens",
+                 id="train-length-too-short"),
+    pytest.param(["--train-length", "0"], {}, "train_length must be an integer >= 1, got 0", id="train-length-0"),
 ]
 
 
@@ -100,9 +106,11 @@ def test_bad_input_is_refused_before_any_work(args, env, needle, tmp_path, monke
 
 @pytest.mark.parametrize("make", [
     lambda: Recipe(batch_size=0), lambda: Recipe(batch_size=-32), lambda: Recipe(epochs=2.5),
-    lambda: Recipe(lr=True), lambda: Decoding(steps=4.0), lambda: RunSpec(seed=True),
+    lambda: Recipe(lr=True), lambda: Recipe(train_length=0), lambda: Recipe(train_length=True),
+    lambda: Decoding(steps=4.0), lambda: RunSpec(seed=True),
     lambda: RunSpec(poison_rate="0.2"),
-], ids=["batch-0", "batch-negative", "epochs-float", "lr-bool", "steps-float", "seed-bool", "poison-rate-str"])
+], ids=["batch-0", "batch-negative", "epochs-float", "lr-bool", "train-length-0", "train-length-bool", "steps-float",
+        "seed-bool", "poison-rate-str"])
 def test_spec_refuses_settings_the_cli_does_not_expose(make):
     with pytest.raises(BenchError):
         make()
