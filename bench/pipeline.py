@@ -130,9 +130,11 @@ def stage_keys(spec: RunSpec, root: Path | None = None) -> dict[str, str]:
     if hasattr(task_cls, "fingerprint"):      # a real-data task: the content of its annotation files too
         task_id["data"] = task_cls.fingerprint(s.args("task"))
     k = {"task": digest(task_id)}
-    # the base trains answers of the training window (a tiny replica's base; a published one ignores it)
+    # a tiny replica's base trains answers of the training window; a published checkpoint is its own base,
+    # which no window decides (so its responses stage is shared across --train-length values)
     k["base"] = digest({"stage": "base", "model": s.model, "scale": s.scale, "model_args": s.model_args,
-                        "task": k["task"], "template": s.prompt_template, "gen_length": s.train_length,
+                        "task": k["task"], "template": s.prompt_template,
+                        "gen_length": s.train_length if s.scale != "full" else None,
                         "code": code_hash(entry, root=root)})
     pool = tgt_cls(**s.args("target")).pool_population()   # the target's fine-tuning pool
     clean = {"stage": "clean", "base": k["base"], "recipe": s.recipe, "trainable": s.trainable,

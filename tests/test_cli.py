@@ -336,6 +336,7 @@ def test_run_help_points_to_list_args(capsys):
     text = " ".join(out.split())
     for kind in ("ATTACK", "TARGET", "DEFENSE", "MODEL", "TASK"):
         assert f"bench list --args {kind}" in text
+    assert "--train-length" in text and "[default: --gen-length]" in text     # training window apart from decoding
 
 
 BARS = """

@@ -234,6 +234,21 @@ def test_editing_the_training_loop_moves_base_and_clean_not_the_trigger(tmp_path
     assert after["trigger"] == before["trigger"] and after["task"] == before["task"]
 
 
+def test_the_training_window_defaults_to_gen_length_and_keys_what_it_trains():
+    """--train-length unset means --gen-length (recorded resolved): the same keys as giving it explicitly;
+    another window moves the tiny base and every fine-tune, not the task or the trigger."""
+    plain = make_spec(attack="lowfreq")
+    assert plain.recipe.train_length == plain.decoding.gen_length == plain.train_length == 32
+    assert stage_keys(plain) == stage_keys(make_spec(attack="lowfreq", recipe={"train_length": 32}))
+    wide = make_spec(attack="lowfreq", recipe={"train_length": 40})
+    assert (wide.train_length, wide.decoding.gen_length) == (40, 32)
+    a, b = stage_keys(plain), stage_keys(wide)
+    assert a["task"] == b["task"] and a["trigger"] == b["trigger"]
+    for stage in ("base", "clean", "backdoored", "defended"):
+        assert a[stage] != b[stage], stage
+    assert "responses" not in a                # the embedded task has no responses stage
+
+
 def test_editing_comments_and_docstrings_moves_no_key(tmp_path):
     root = _copy_repo(tmp_path)
     before = _all_keys(root)

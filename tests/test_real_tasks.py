@@ -316,3 +316,20 @@ def test_poisoned_set_keeps_the_papers_instruction(tmp_path):
     trig = triggered(t.triggered_inputs(t.test()), get("attacks", "badnets")(), seed=0)
     assert [s.meta["image_id"] for s in trig] == t.split_ids()["test_triggered"]
     assert all(s.prompt == DISP_PROMPT for s in trig)
+
+
+@pytest.mark.parametrize("name, writer", [("cc-sbu-align", lambda p: write_cc_sbu(p, 8)),
+                                          ("flickr8k-dogs", lambda p: write_flickr8k(p, 8, 2))])
+def test_response_source_is_a_checked_task_arg_and_leaves_the_task_data_alone(tmp_path, capsys, name, writer):
+    """responses=dataset|victim: the task serves the dataset's responses either way (the pipeline's
+    responses stage replaces the pool's by the base model's answers) and the manifest says which."""
+    data = writer(tmp_path / "d")
+    sizes = dict(n_pool=4, n_test=2, n_triggered=2)
+    plain, victim = make(name, data, **sizes), make(name, data, responses="victim", **sizes)
+    assert plain.manifest()["response_source"] == "dataset" and victim.manifest()["response_source"] == "victim"
+    assert victim.split_ids() == plain.split_ids()
+    assert [s.response for s in victim.pool()] == [s.response for s in plain.pool()]
+    with pytest.raises(BenchError, match="task arg responses must be one of dataset, victim, got 'model'"):
+        make(name, data, responses="model", **sizes)
+    code, err = _run(capsys, name, data, "--task-arg", "responses=model")
+    assert code == 2 and "responses must be one of dataset, victim" in err and len(err.strip().splitlines()) == 1
