@@ -183,6 +183,7 @@ class Cell:
         self.trigger = get("attacks", spec.attack)(**spec.args("attack"))
         self.target = get("targets", spec.target)(**spec.args("target"))
         self.defense = get("defenses", spec.defense)(**spec.args("defense"))
+        self._lengths_checked = False         # victim responses: checked once the responses stage is read
         self.preflight()
         self.keys = stage_keys(spec)
         self.trigger_report: dict = {}   # what a learned trigger's fit measured (fooling rate, mask density...)
@@ -256,7 +257,7 @@ class Cell:
         if not self.victim_responses:
             return self.task_pool()
         out = victim_responses.with_responses(self.task_pool(), self.responses())
-        if not getattr(self, "_lengths_checked", False):
+        if not self._lengths_checked:
             self.check_lengths(out)
             self._lengths_checked = True
         return out

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from core.errors import BenchError
 from tasks.base import Sample
 
 
@@ -40,7 +41,7 @@ def with_responses(samples: Sequence[Sample], stage: dict) -> list[Sample]:
     the stage's ids must be the samples' ids, in order). ``meta["response_source"]`` says so."""
     ids = [s.meta.get("image_id", s.meta.get("id")) for s in samples]
     if list(stage["ids"]) != ids:
-        raise ValueError("the responses stage was generated for another pool")
+        raise BenchError("the cached responses stage was generated for another pool (delete it to recompute)")
     return [s.with_(response=r, meta={**s.meta, "response_source": "victim"})
             for s, r in zip(samples, stage["responses"])]
 
