@@ -25,6 +25,8 @@ Public API (stable: other families reuse it; keep it family-agnostic):
 - ``module_shapes(module)``       -> {module key: shape} (parameters and persistent buffers)
 - ``write_checkpoint(path, tensors, config, shard_bytes=)`` -> writes shards + index + config.json in
   the published layout (tests and synthetic checkpoints)
+- ``resolve_device(device, dtype)`` -> the ('auto'-resolved) device and dtype names a full-scale spec pins
+- ``base_info(model)``            -> the base stage's info at full scale (the loaded model's weights report)
 
 The report's ``summary()`` is what ``bench check-weights`` prints; records pin ``report.hash``.
 Source of the layout: the safetensors format (huggingface/safetensors, docs "Metadata parsing") and
@@ -389,3 +391,23 @@ def rename(key: str, rules: Iterable[tuple[str, str]]) -> str:
         if key.startswith(old):
             return new + key[len(old):]
     return key
+
+
+# ---- run settings every full-scale victim shares ----------------------------------------------------------
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """(device, dtype) names: 'auto' device is accelerate's (cuda when present, else cpu); 'auto'
+    dtype is bfloat16 where the device supports it, float32 on CPU."""
+    if device == "auto":
+        from accelerate import PartialState
+        device = str(PartialState().device)
+    dev = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise BenchError(f"model arg dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
+    return str(dev), dtype
+
+
+def base_info(model) -> dict:
+    """The base stage at full scale trains nothing: the published checkpoint is the base model."""
+    return {"trained": "nothing: the published checkpoint is the base model", **model.weights_report.to_dict()}

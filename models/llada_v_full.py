@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from core.errors import BenchError
 from models import checkpoint as ckpt
+from models.checkpoint import resolve_device
 from models.base import Batch
 from models.hf_tokenizer import LLADA_SPECIALS, CheckpointTokenizer, write_word_tokenizer
 from models.llada import LLaDA, LMConfig, generate, sft_loss
@@ -193,20 +194,6 @@ def siglip_config(cfg: FullConfig):
     return SiglipVisionConfig(hidden_size=cfg.vis_width, intermediate_size=cfg.vis_mlp, num_hidden_layers=cfg.vis_layers,
                               num_attention_heads=cfg.vis_heads, image_size=cfg.view_size, patch_size=cfg.patch,
                               layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
-
-
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
-    """(device, dtype) names: 'auto' device is accelerate's (cuda when present, else cpu); 'auto'
-    dtype is bfloat16 where the device supports it, float32 on CPU."""
-    if device == "auto":
-        from accelerate import PartialState
-        device = str(PartialState().device)
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise BenchError(f"model arg dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
-    return str(dev), dtype
 
 
 class FullLLaDAV(LLaDAV):
@@ -566,11 +553,6 @@ def build_full(cls, model_args: dict) -> nn.Module:
     model, report = load_model(cls, FullConfig(**model_args))
     model.weights_report = report
     return model
-
-
-def base_info(model) -> dict:
-    """The base stage at full scale trains nothing: the published checkpoint is the base model."""
-    return {"trained": "nothing: the published checkpoint is the base model", **model.weights_report.to_dict()}
 
 
 def text_tokenizer(model_args: dict) -> CheckpointTokenizer:

@@ -32,8 +32,8 @@ import torch
 
 from core.errors import BenchError
 from models.base import Batch
-from models.checkpoint import WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header
-from models.llada_v_full import base_info, resolve_device   # shared with every full-scale victim
+from models.checkpoint import (WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header,
+                               resolve_device)
 from tasks.base import Sample
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
