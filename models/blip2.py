@@ -29,9 +29,9 @@ from core.errors import BenchError
 from core.registry import register
 from models.base import Batch, scale_resolver
 from models.encoder import VisionTower, siglip_config, siglip_state
-from models.checkpoint import WeightsReport, read_config
+from models.checkpoint import FullStages, WeightsReport, read_config
 from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
-from models.published import (ChatLayout, FullConfig, FullStages, full_args, full_config, inspect_pretrained,
+from models.published import (ChatLayout, FullConfig, full_args, full_config, inspect_pretrained,
                               load_image_processor, load_tokenizer, offline_pretrained, pixel_values, resolve_full,
                               text_tokenizer, weights_dir)
 
@@ -157,9 +157,6 @@ class Blip2Full(FullStages, ChatLayout, BLIP2):
         self.processor = load_image_processor(path, "blip2")
         tokenizer, image_id = _tokens(path)
         self.init_chat(tokenizer, BLIP2_TEMPLATE, self.hf.config.num_query_tokens, image_id, image_first=True)
-
-    def projector_key(self, name: str) -> bool:
-        return name.startswith(("hf.qformer.", "hf.language_projection.")) or name == "hf.query_tokens"
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)

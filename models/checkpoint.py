@@ -411,3 +411,44 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]
 def base_info(model) -> dict:
     """The base stage at full scale trains nothing: the published checkpoint is the base model."""
     return {"trained": "nothing: the published checkpoint is the base model", **model.weights_report.to_dict()}
+
+
+# ---- what a full-scale stage stores -------------------------------------------------------------------------
+class FullStages:
+    """Stages of a full-scale victim (mixed in before the model class; the model has ``cfg.checkpoint``).
+
+    A stage stores the parameters the fine-tunes trained since the published weights were loaded,
+    every part any ``set_trainable`` call opened (the projector by default; the LM too under
+    ``projector+lm``; everything under ``all``), plus the checkpoint's hash; never a copy of the
+    untouched published weights. A reload is the published checkpoint plus those tensors, and a stage
+    trained on other weights is refused."""
+
+    trained: frozenset = frozenset()
+
+    def set_trainable(self, parts: str) -> None:
+        """Freeze everything, open ``parts`` as the model class defines them, and remember what opened."""
+        self.requires_grad_(False)
+        super().set_trainable(parts)
+        self.trained = self.trained | {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def stage_state(self) -> dict:
+        params = dict(self.named_parameters())
+        return {"checkpoint": self.cfg.checkpoint,
+                "trained": {n: params[n].detach().cpu().clone() for n in sorted(self.trained)}}
+
+    def load_stage_state(self, state: dict) -> None:
+        if state.get("checkpoint") != self.cfg.checkpoint:
+            raise BenchError(f"cached stage was trained on checkpoint {str(state.get('checkpoint'))[:12]}, "
+                             f"this model is {self.cfg.checkpoint[:12]}")
+        stored, params = state["trained"], dict(self.named_parameters())
+        unknown = sorted(n for n in stored if n not in params)
+        wrong = sorted(n for n in stored if n in params and tuple(stored[n].shape) != tuple(params[n].shape))
+        stale = sorted(self.trained - set(stored))      # trained here, and the stage would not overwrite them
+        for what, names in (("parameters this model lacks", unknown), ("other shapes", wrong),
+                            ("fewer parts than this model has trained", stale)):
+            if names:
+                raise BenchError(f"cached stage does not fit this model: {what} ({', '.join(names[:SHOW])})")
+        with torch.no_grad():
+            for n, t in stored.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        self.trained = frozenset(stored)

@@ -20,8 +20,9 @@ What runs (facts from ML-GSAI/LLaDA-V ``train/llava/...`` as summarised in the p
 
 Loading is strict (``models.checkpoint``): geometry is read from the safetensors headers (never from
 config.json alone), every key maps one to one with equal shape, or the run stops with exit 2. Devices
-through accelerate: bf16 on a GPU that supports it, fp32 on CPU. At full scale only the projector
-trains (the DiSP paper's recipe); a stage stores the projector plus the checkpoint's hash.
+through accelerate: bf16 on a GPU that supports it, fp32 on CPU. At full scale the projector trains by
+default (the DiSP paper's recipe; ``projector+lm`` and ``all`` as at tiny scale); a stage stores the
+trained parts plus the checkpoint's hash (``models.checkpoint.FullStages``).
 
 ``write_synthetic_checkpoint`` writes a random model of any size in this published layout (shards +
 index + config.json + a word-level tokenizer): tests and tiny-random end-to-end cells use it.
@@ -196,7 +197,7 @@ def siglip_config(cfg: FullConfig):
                               layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
 
 
-class FullLLaDAV(LLaDAV):
+class FullLLaDAV(ckpt.FullStages, LLaDAV):
     """LLaDA-V's published architecture in our modules, with the tiny replica's objectives and sampler
     (inherited from ``LLaDAV``). ``tokenizer`` may be None for a random model driven by ids (benchmarks)."""
 
@@ -361,25 +362,6 @@ class FullLLaDAV(LLaDAV):
         return generate(lambda a: self.answer_logits(pe, batch.key_mask, a), len(batch), decoding.gen_length,
                         self.mask_id, decoding.steps, decoding.block_length, decoding.remasking, generator,
                         device=self.device, suppress=self.suppress).cpu()
-
-    def set_trainable(self, parts: str) -> None:
-        """Full scale trains the projector only (the DiSP paper's recipe); everything else stays frozen
-        and out of the optimizer."""
-        if parts != "projector":
-            raise BenchError(f"at full scale only the projector trains (got trainable={parts!r})")
-        self.requires_grad_(False)
-        self.mm_projector.requires_grad_(True)
-
-    # ---- stages: trained parts + checkpoint hash, never a copy of the weights --------------------------
-    def stage_state(self) -> dict:
-        return {"checkpoint": self.cfg.checkpoint,
-                "mm_projector": {k: v.detach().cpu().clone() for k, v in self.mm_projector.state_dict().items()}}
-
-    def load_stage_state(self, state: dict) -> None:
-        if state.get("checkpoint") != self.cfg.checkpoint:
-            raise BenchError(f"cached stage was trained on checkpoint {str(state.get('checkpoint'))[:12]}, "
-                             f"this model is {self.cfg.checkpoint[:12]}")
-        self.mm_projector.load_state_dict({k: v.to(self.device) for k, v in state["mm_projector"].items()})
 
 
 # ---- building: from headers, from a checkpoint, at random -------------------------------------------

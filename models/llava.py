@@ -35,9 +35,9 @@ from core.errors import BenchError
 from core.registry import register
 from models.base import Batch, scale_resolver
 from models.encoder import VisionTower, siglip_config, siglip_state
-from models.checkpoint import WeightsReport, base_info, read_config, rename
+from models.checkpoint import FullStages, WeightsReport, base_info, read_config, rename
 from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
-from models.published import (ChatLayout, FullConfig, FullStages, full_args, full_config,
+from models.published import (ChatLayout, FullConfig, full_args, full_config,
                               inspect_pretrained, load_image_processor, load_tokenizer, offline_pretrained,
                               pixel_values, resolve_full, text_tokenizer, weights_dir)
 from models.train import finetune
@@ -217,9 +217,6 @@ class LlavaFull(FullStages, ChatLayout, LLaVA):
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)
-
-    def projector_key(self, name: str) -> bool:
-        return name.startswith("hf.model.multi_modal_projector.")
 
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         out = LLaVA.visual_embeds(self, images)
