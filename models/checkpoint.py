@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from core.errors import BenchError
+from core.files import file_sha256
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -165,11 +166,7 @@ def _file_sha256(f: Path) -> str:
     st = f.stat()
     key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = file_sha256(f, chunk=1 << 24)
     return _HASHES[key]
 
 

@@ -21,6 +21,7 @@ from models.llada_v_full import (FullConfig, FullLLaDAV, check_weights, geometry
                                  load_model, random_model, select_grid, tiny_config, visual_token_count,
                                  write_synthetic_checkpoint)
 from tasks.base import Sample
+from tests.helpers import bench
 
 torch.set_num_threads(1)
 WORDS = "a dog cat on the left right describe image there is <backdoor>".split()
@@ -278,14 +279,6 @@ def test_full_scale_gpu_script_tiny(tmp_path):
 
 
 # ---- the command line ----------------------------------------------------------------------------------
-def bench(args: list[str], capsys) -> tuple[int, str, str]:
-    from bench.cli import main
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
 def test_check_weights_reports_what_a_run_would_load(written, capsys):
     family, cls, d, m0 = written
     rc, out, err = bench(["check-weights", "--model", family, str(d)], capsys)
