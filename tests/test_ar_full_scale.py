@@ -90,6 +90,15 @@ def build(name, path):
     return entry.build(entry.resolve("full", {"weights": str(path), "dtype": "float32"}), None, None, 0)
 
 
+def assert_published_forward(m, ref, batch):
+    """Our first-answer logits equal the transformers class's own forward on input_ids + pixel_values."""
+    with torch.no_grad():
+        want = ref(input_ids=batch.ids, pixel_values=m.pixel_values(batch.images),
+                   attention_mask=batch.key_mask.long()).logits[:, -1]
+        got = m.first_answer_logits(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---- LLaVA ----------------------------------------------------------------------------------------
 def test_llava_full_loads_and_reproduces_the_published_forward(llava_dir):
     """Our path (visual tokens scattered into inputs_embeds) gives the logits of the class's own
@@ -101,11 +110,7 @@ def test_llava_full_loads_and_reproduces_the_published_forward(llava_dir):
         assert k == k2 and torch.equal(v, v2)
     batch = m.collate(samples(1), gen_length=6)
     assert batch.ids[0, 0].item() == 1 and batch.ids[0, 1].item() == m.tok.hf.convert_tokens_to_ids("USER:")
-    pixels = m.pixel_values(batch.images)
-    with torch.no_grad():
-        want = ref(input_ids=batch.ids, pixel_values=pixels, attention_mask=batch.key_mask.long()).logits[:, -1]
-        got = m.first_answer_logits(batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_published_forward(m, ref, batch)
 
 
 def test_llava_full_contract(llava_dir):
@@ -198,11 +203,7 @@ def test_blip2_full_loads_and_reproduces_the_published_forward(blip2_dir):
     assert type(m).__name__ == "Blip2Full" and m.n_visual == 5
     batch = m.collate(samples(1), gen_length=6)
     assert batch.ids[0, :5].tolist() == [m.tok.image_id] * 5 and batch.ids[0, 5].item() == 1
-    pixels = m.pixel_values(batch.images)
-    with torch.no_grad():
-        want = ref(input_ids=batch.ids, pixel_values=pixels, attention_mask=batch.key_mask.long()).logits[:, -1]
-        got = m.first_answer_logits(batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_published_forward(m, ref, batch)
 
 
 def test_blip2_full_contract_and_trainable_parts(blip2_dir):
