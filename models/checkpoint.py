@@ -393,11 +393,21 @@ def rename(key: str, rules: Iterable[tuple[str, str]]) -> str:
 # ---- run settings every full-scale victim shares ----------------------------------------------------------
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     """(device, dtype) names: 'auto' device is accelerate's (cuda when present, else cpu); 'auto'
-    dtype is bfloat16 where the device supports it, float32 on CPU."""
+    dtype is bfloat16 where the device supports it, float32 on CPU. A device this machine does not
+    have is refused here, when the spec is made, not when the first stage moves weights onto it."""
     if device == "auto":
         from accelerate import PartialState
         device = str(PartialState().device)
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"model arg device {device!r} is not a torch device (e.g. auto, cpu, cuda, cuda:0)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise BenchError(f"model arg device {device!r}: this machine has {n} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise BenchError(f"model arg device {device!r}: only cpu and cuda devices are supported")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -93,6 +93,10 @@ class FullConfig:
                      "vis_heads", "view_size", "patch", "max_grid", "max_patches"):
             if getattr(self, name) < 1:
                 raise BenchError(f"model arg {name} must be >= 1, got {getattr(self, name)}")
+        if self.pool_side < 0:
+            raise BenchError(f"model arg pool_side must be >= 0 (0: no pooling), got {self.pool_side}")
+        if not self.shift > 0:
+            raise BenchError(f"model arg shift must be > 0, got {self.shift}")
         if self.view_size < self.patch or self.d_model % self.n_heads or self.vis_width % self.vis_heads:
             raise BenchError("view_size must be >= patch, and widths multiples of their head counts")
 
@@ -521,6 +525,7 @@ def resolve_full(cls, name: str, overrides: dict, base: FullConfig | None = None
     given = {k: v for k, v in overrides.items() if k in RUN_ARGS}
     cfg = replace(base or FullConfig(), **{**given, **geometry(path, cls.key_map), "weights": str(path),
                                            "checkpoint": digest, "device": device, "dtype": dtype})
+    check_weights(cls, path, cfg).raise_if_bad()      # another layout or a broken checkpoint: refused before any work
     return asdict(cfg)
 
 

@@ -312,7 +312,16 @@ def test_full_scale_bad_input_exits_2(llada_v_dir, tmp_path, capsys):
     assert rc == 2 and "read from the checkpoint" in err
     rc, _, err = bench(["check-weights", "--model", "llava", str(llada_v_dir)], capsys)
     assert rc == 2 and "holds a 'llava_llada' checkpoint, not 'llava'" in err
+    run = ["run", "--scale", "full", "--weights", str(llada_v_dir), "--results", str(tmp_path / "r")]
+    for args, needle in [(["--model-arg", "device=tpu"], "model arg device 'tpu' is not a torch device"),
+                         (["--model-arg", "device=cuda:99"], "model arg device 'cuda:99': this machine has"),
+                         (["--model", "lavida"], "does not match the model")]:     # another layout: refused at spec time
+        rc, _, err = bench(run + args, capsys)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "r").exists()
+    for over, needle in [({"pool_side": -3}, "pool_side must be >= 0"), ({"shift": 0.0}, "shift must be > 0")]:
+        with pytest.raises(BenchError, match=needle):       # LaViDa's sampler args, before any build
+            FullConfig(**over)
 
 
 @pytest.mark.parametrize("trainable", [None, "projector+lm"])
