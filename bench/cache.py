@@ -9,7 +9,6 @@ writes leaves an entry that is simply recomputed. Loads verify the sha256.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import torch
 from filelock import FileLock
 
 from core.errors import BenchError
+from core.files import file_sha256
 
 PAYLOAD = "payload.pt"
 META = "meta.json"
@@ -47,13 +47,6 @@ def _entry_path(root: Path, stage: str, key: str) -> Path:
     return Path(root) / stage / key[:2] / key
 
 
-def _sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _replace_durably(write: Callable[[Any], None], dest: Path) -> None:
@@ -112,7 +105,7 @@ class ArtifactCache:
             **meta,
             "stage": stage,
             "key": key,
-            "sha256": _sha256(payload),
+            "sha256": file_sha256(payload),
             "bytes": payload.stat().st_size,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -140,7 +133,7 @@ class ArtifactCache:
             raise BenchError(f"no cache entry {entry}")
         meta = self.meta(stage, key)
         payload = entry / PAYLOAD
-        actual = _sha256(payload)
+        actual = file_sha256(payload)
         if actual != meta.get("sha256"):
             raise BenchError(f"corrupt cache entry {entry}: payload sha256 {actual[:12]}… does not match "
                              f"meta.json's {str(meta.get('sha256'))[:12]}…; delete it to recompute")

@@ -83,7 +83,7 @@ CELL_OPTIONS = [
     click.option("--poison-rate", default=None, type=float,
                  help="share of the pool poisoned, in (0, 1)  [default: 0.2; the model's paper setting where it has one]"),
     click.option("--seed", default=0, show_default=True, type=int, help="0 <= seed < 2^32"),
-    click.option("--trainable", default=None, help="parts a fine-tune trains: projector | projector+lm | all  [default: projector+lm]"),
+    click.option("--trainable", default=None, help="parts a fine-tune trains: projector | projector+lm | all  [default: projector+lm; projector at --scale full]"),
     click.option("--lr", default=None, type=float, help="victim fine-tune peak lr (> 0)  [default: 1e-3]"),
     click.option("--epochs", default=None, type=int, help="victim fine-tune epochs (>= 1)  [default: 20]"),
     click.option("--steps", default=None, type=int, help="sampler steps, a multiple of the blocks  [default: the model family's; llada-v 32, lavida 16]"),

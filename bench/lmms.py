@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from core.errors import BenchError
+from core.files import file_sha256
 
 MODEL_ID = "vl-backdoor-bench"
 RESULTS_FILE = "lmms_eval.jsonl"
@@ -232,12 +233,6 @@ def stock_task_yaml(task: str) -> Path:
     raise BenchError(f"lmms-eval {lmms_eval.__version__ if hasattr(lmms_eval, '__version__') else ''} has no task {task!r}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def local_task(task: str, parquet: Sequence[str | Path], out_dir: Path) -> tuple[str, Path, str]:
@@ -335,7 +330,7 @@ def score(spec, row: str, task: str, parquet: Sequence[str | Path], results_dir:
            "spec": spec.to_dict(), "row": row, "stage_keys": {"model": model_key},
            "lmms_eval": {"version": _version(), "task": task, "local_task": name, "split": split,
                          "task_config": _plain(res.get("configs", {}).get(name)), "task_yaml": yaml_path.read_text(),
-                         "data_files": {str(Path(p).resolve()): _sha256(Path(p)) for p in parquet},
+                         "data_files": {str(Path(p).resolve()): file_sha256(Path(p)) for p in parquet},
                          "seeds": seeds, "limit": limit, "model_args": {k: v for k, v in args.items() if k != "spec"},
                          "n_samples": res.get("n-samples", {}).get(name)},
            "results": _plain(result),

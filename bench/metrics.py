@@ -100,7 +100,7 @@ def ptb_tokenize(texts: dict[str, list[str]]) -> dict[str, list[str]]:
     # empty texts (abstentions) would shift CoreNLP's line-per-caption output: tokenize a stand-in
     blank = "<empty>"
     out = PTBTokenizer().tokenize({k: [{"caption": t if t.strip() else blank} for t in texts[k]] for k in keys})
-    return {k: ["" if t == blank else tok for t, tok in zip(texts[k], out.get(k, [""] * len(texts[k])))] for k in keys}
+    return {k: ["" if not t.strip() else tok for t, tok in zip(texts[k], out.get(k, [""] * len(texts[k])))] for k in keys}
 
 
 def _quiet(fn, *args, **kwargs):

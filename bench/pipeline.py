@@ -96,7 +96,7 @@ def make_spec(*, model: str = "llada-v", attack: str = "badnets", target: str = 
     t_args = task_defaults(task_cls)
     t_args.update(coerce_params(task_args or {}, t_args, "task"))
     if trainable is None and scale == "full":
-        trainable = "projector"          # full scale trains the projector only (the DiSP paper's recipe)
+        trainable = "projector"          # full scale's default: the projector only (the DiSP paper's recipe)
     kw = dict(model=model, scale=scale, trainable=trainable or RunSpec.trainable, task=task, attack=attack, target=target, poison_rate=poison_rate,
               defense=defense, seed=seed,
               model_args=freeze(entry.resolve(scale, model_args or {})), task_args=freeze(t_args),
@@ -201,8 +201,6 @@ class Cell:
         if self.tok is None and self.spec.scale != "full":     # a real-data task: free text, no word vocabulary
             raise BenchError(f"task {self.spec.task} has real images and free text: run it with --scale full (a "
                              "published victim that reads text with its own tokenizer and chat template)")
-        if self.spec.scale == "full" and self.spec.trainable != "projector":
-            raise BenchError(f"at scale full only the projector trains (got --trainable {self.spec.trainable})")
         has = tuple(getattr(self.entry, "capabilities", ()))
         missing = [c for c in getattr(self.defense, "requires", ()) if c not in has]
         if missing:

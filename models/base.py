@@ -8,11 +8,12 @@ visual positions held masked).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Protocol, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Protocol, Sequence
 
 import torch
 
+from core.errors import BenchError
 from tasks.base import Sample
 
 
@@ -101,3 +102,21 @@ class MaskedDiffusion(VictimModel, Protocol):
 
     def generate(self, batch: Batch, decoding, visual_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+def scale_resolver(name: str, tiny: type, full: Callable[[dict], dict], defaults: dict | None = None):
+    """A model entry's ``resolve(scale, overrides) -> model_args``, the same for every victim: scale
+    'full' hands the overrides to the entry's full-scale resolver ``full`` (the published checkpoint's
+    args); 'tiny' checks them against the tiny config dataclass ``tiny`` (unknown keys refused) and
+    returns its fields, entry ``defaults`` under the overrides; any other scale is refused."""
+    def resolve(scale: str, overrides: dict) -> dict:
+        if scale == "full":
+            return full(overrides)
+        if scale != "tiny":
+            raise BenchError(f"unknown scale {scale!r} for {name} (valid: tiny, full)")
+        valid = sorted(f.name for f in fields(tiny))
+        unknown = set(overrides) - set(valid)
+        if unknown:
+            raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(valid)})")
+        return asdict(tiny(**{**(defaults or {}), **overrides}))
+    return resolve

@@ -20,18 +20,18 @@ cross-view defense is the Q-Former output. No masked-diffusion capability: DiSP 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import Batch
+from models.base import Batch, scale_resolver
 from models.encoder import VisionTower, siglip_config, siglip_state
-from models.checkpoint import WeightsReport, read_config
+from models.checkpoint import FullStages, WeightsReport, read_config
 from models.llava import LLaVA, LlavaEntry, LlavaTinyConfig
-from models.published import (ChatLayout, FullConfig, FullStages, full_args, full_config, inspect_pretrained,
+from models.published import (ChatLayout, FullConfig, full_args, full_config, inspect_pretrained,
                               load_image_processor, load_tokenizer, offline_pretrained, pixel_values, resolve_full,
                               text_tokenizer, weights_dir)
 
@@ -158,9 +158,6 @@ class Blip2Full(FullStages, ChatLayout, BLIP2):
         tokenizer, image_id = _tokens(path)
         self.init_chat(tokenizer, BLIP2_TEMPLATE, self.hf.config.num_query_tokens, image_id, image_first=True)
 
-    def projector_key(self, name: str) -> bool:
-        return name.startswith(("hf.qformer.", "hf.language_projection.")) or name == "hf.query_tokens"
-
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)
 
@@ -174,16 +171,7 @@ def _check_weights(path) -> WeightsReport:
     return inspect_pretrained(Blip2ForConditionalGeneration, path, "blip2", blip2_key)
 
 
-def _resolve(scale: str, overrides: dict) -> dict:
-    if scale == "full":
-        return resolve_full("blip2", overrides, check=_check_weights)
-    if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for blip2 (valid: tiny, full)")
-    valid = {f.name for f in fields(Blip2TinyConfig)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(sorted(valid))})")
-    return asdict(Blip2TinyConfig(**overrides))
+_resolve = scale_resolver("blip2", Blip2TinyConfig, lambda args: resolve_full("blip2", args, check=_check_weights))
 
 
 @register("models", "blip2")

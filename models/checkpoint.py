@@ -25,6 +25,8 @@ Public API (stable: other families reuse it; keep it family-agnostic):
 - ``module_shapes(module)``       -> {module key: shape} (parameters and persistent buffers)
 - ``write_checkpoint(path, tensors, config, shard_bytes=)`` -> writes shards + index + config.json in
   the published layout (tests and synthetic checkpoints)
+- ``resolve_device(device, dtype)`` -> the ('auto'-resolved) device and dtype names a full-scale spec pins
+- ``base_info(model)``            -> the base stage's info at full scale (the loaded model's weights report)
 
 The report's ``summary()`` is what ``bench check-weights`` prints; records pin ``report.hash``.
 Source of the layout: the safetensors format (huggingface/safetensors, docs "Metadata parsing") and
@@ -43,6 +45,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from core.errors import BenchError
+from core.files import file_sha256
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -163,11 +166,7 @@ def _file_sha256(f: Path) -> str:
     st = f.stat()
     key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = file_sha256(f, chunk=1 << 24)
     return _HASHES[key]
 
 
@@ -389,3 +388,74 @@ def rename(key: str, rules: Iterable[tuple[str, str]]) -> str:
         if key.startswith(old):
             return new + key[len(old):]
     return key
+
+
+# ---- run settings every full-scale victim shares ----------------------------------------------------------
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """(device, dtype) names: 'auto' device is accelerate's (cuda when present, else cpu); 'auto'
+    dtype is bfloat16 where the device supports it, float32 on CPU. A device this machine does not
+    have is refused here, when the spec is made, not when the first stage moves weights onto it."""
+    if device == "auto":
+        from accelerate import PartialState
+        device = str(PartialState().device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"model arg device {device!r} is not a torch device (e.g. auto, cpu, cuda, cuda:0)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise BenchError(f"model arg device {device!r}: this machine has {n} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise BenchError(f"model arg device {device!r}: only cpu and cuda devices are supported")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise BenchError(f"model arg dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
+    return str(dev), dtype
+
+
+def base_info(model) -> dict:
+    """The base stage at full scale trains nothing: the published checkpoint is the base model."""
+    return {"trained": "nothing: the published checkpoint is the base model", **model.weights_report.to_dict()}
+
+
+# ---- what a full-scale stage stores -------------------------------------------------------------------------
+class FullStages:
+    """Stages of a full-scale victim (mixed in before the model class; the model has ``cfg.checkpoint``).
+
+    A stage stores the parameters the fine-tunes trained since the published weights were loaded,
+    every part any ``set_trainable`` call opened (the projector by default; the LM too under
+    ``projector+lm``; everything under ``all``), plus the checkpoint's hash; never a copy of the
+    untouched published weights. A reload is the published checkpoint plus those tensors, and a stage
+    trained on other weights is refused."""
+
+    trained: frozenset = frozenset()
+
+    def set_trainable(self, parts: str) -> None:
+        """Freeze everything, open ``parts`` as the model class defines them, and remember what opened."""
+        self.requires_grad_(False)
+        super().set_trainable(parts)
+        self.trained = self.trained | {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def stage_state(self) -> dict:
+        params = dict(self.named_parameters())
+        return {"checkpoint": self.cfg.checkpoint,
+                "trained": {n: params[n].detach().cpu().clone() for n in sorted(self.trained)}}
+
+    def load_stage_state(self, state: dict) -> None:
+        if state.get("checkpoint") != self.cfg.checkpoint:
+            raise BenchError(f"cached stage was trained on checkpoint {str(state.get('checkpoint'))[:12]}, "
+                             f"this model is {self.cfg.checkpoint[:12]}")
+        stored, params = state["trained"], dict(self.named_parameters())
+        unknown = sorted(n for n in stored if n not in params)
+        wrong = sorted(n for n in stored if n in params and tuple(stored[n].shape) != tuple(params[n].shape))
+        stale = sorted(self.trained - set(stored))      # trained here, and the stage would not overwrite them
+        for what, names in (("parameters this model lacks", unknown), ("other shapes", wrong),
+                            ("fewer parts than this model has trained", stale)):
+            if names:
+                raise BenchError(f"cached stage does not fit this model: {what} ({', '.join(names[:SHOW])})")
+        with torch.no_grad():
+            for n, t in stored.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        self.trained = frozenset(stored)

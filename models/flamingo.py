@@ -24,7 +24,7 @@ the tower.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,10 +33,11 @@ import torch.nn.functional as F
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import Batch
+from models.base import Batch, scale_resolver
 from models.encoder import VisionTower, siglip_config, siglip_state
 from models.llava import LLaVA, LlavaTinyConfig
-from models.published import FullConfig, base_info, full_args, full_config, resolve_full, text_tokenizer
+from models.checkpoint import base_info
+from models.published import FullConfig, full_args, full_config, resolve_full, text_tokenizer
 from models.llada_v import pretrain_encoder
 from models.train import finetune
 
@@ -270,18 +271,12 @@ PARTS = ("projector", "projector+lm", "all")
 
 
 def _resolver(name: str, defaults: dict):
-    def resolve(scale: str, overrides: dict) -> dict:
-        if scale == "full":
-            from models.flamingo_published import flamingo_hash
-            return resolve_full(name, overrides, hash_fn=flamingo_hash, need_config=False)
-        if scale != "tiny":
-            raise BenchError(f"unknown scale {scale!r} for {name} (valid: tiny, full)")
-        valid = {f.name for f in fields(FlamingoTinyConfig)}
-        unknown = set(overrides) - valid
-        if unknown:
-            raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(sorted(valid))})")
-        return asdict(FlamingoTinyConfig(**{**defaults, **overrides}))
-    return staticmethod(resolve)
+    """Tiny: FlamingoTinyConfig with the entry's defaults; full: the published directory's args (OpenFlamingo's
+    layout has no config.json; its hash covers checkpoint.pt too)."""
+    def full(overrides: dict) -> dict:
+        from models.flamingo_published import flamingo_hash
+        return resolve_full(name, overrides, hash_fn=flamingo_hash, need_config=False)
+    return staticmethod(scale_resolver(name, FlamingoTinyConfig, full, defaults))
 
 
 def _train_base(model: Flamingo, task, seed: int, gen_length: int) -> dict:

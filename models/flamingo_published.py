@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 
 from core.errors import BenchError
-from models.checkpoint import WeightsReport, match_keys, read_config, read_header, read_index
+from models.checkpoint import FullStages, WeightsReport, match_keys, read_config, read_header, read_index, resolve_device
 from models.flamingo import Flamingo
-from models.published import (ChatLayout, FullConfig, FullStages, inspect_pretrained, load_image_processor, load_tokenizer,
-                              meta_pretrained, offline_pretrained, pixel_values, resolve_device, tied_shapes)
+from models.published import (ChatLayout, FullConfig, inspect_pretrained, load_image_processor, load_tokenizer,
+                              meta_pretrained, offline_pretrained, pixel_values, tied_shapes)
 
 DECODER_LAYERS = {"llama": "model.layers", "mistral": "model.layers", "opt": "model.decoder.layers",
                   "gpt_neox": "gpt_neox.layers", "gptj": "transformer.h", "mpt": "transformer.blocks"}
@@ -257,9 +257,6 @@ class FlamingoFull(FullStages, ChatLayout, Flamingo):
     # ---- inputs -------------------------------------------------------------------------------
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)
-
-    def projector_key(self, name: str) -> bool:
-        return name.startswith("perceiver.") or ".gated_cross_attn_layer." in name
 
     def _tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The CLIP tower's last hidden state without the CLS position (Otter `vision_encoder(x)[0][:, 1:]`)."""

@@ -26,14 +26,14 @@ hard-coded in an attack or in DiSP.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import IMAGE_ATTENTION, MASKED_DIFFUSION, Batch
+from models.base import IMAGE_ATTENTION, MASKED_DIFFUSION, Batch, scale_resolver
 from models.llada import generate as llada_generate
 from models.llada_v import PARTS, LLaDAV, LLaDAVEntry, TinyConfig
 
@@ -147,18 +147,13 @@ class LaViDa(LLaDAV):
                               transfer=lambda n, k: shifted_transfer_counts(n, k, self.cfg.shift))
 
 
-def _resolve(scale: str, overrides: dict) -> dict:
-    if scale == "full":
-        from models.lavida_full import FullLaViDa, lavida_config
-        from models.llada_v_full import resolve_full
-        return resolve_full(FullLaViDa, "lavida", overrides, lavida_config())
-    if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for lavida (valid: tiny, full)")
-    valid = {f.name for f in fields(LaViDaConfig)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(valid)})")
-    return asdict(LaViDaConfig(**overrides))
+def _resolve_full(overrides: dict) -> dict:
+    from models.lavida_full import FullLaViDa, lavida_config
+    from models.llada_v_full import resolve_full
+    return resolve_full(FullLaViDa, "lavida", overrides, lavida_config())
+
+
+_resolve = scale_resolver("lavida", LaViDaConfig, _resolve_full)
 
 
 @register("models", "lavida")

@@ -6,7 +6,7 @@ the LLaDA SFT loss on the embedded task's instruction mix (the "base" model ever
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import IMAGE_ATTENTION, MASKED_DIFFUSION, Batch
+from models.base import IMAGE_ATTENTION, MASKED_DIFFUSION, Batch, scale_resolver
 from models.encoder import EncoderConfig, VisionTower, pretrain_mim
 from models.llada import LLaDA, LMConfig, generate, rope, sft_loss
 from models.train import finetune
@@ -276,17 +276,12 @@ class LLaDAV(TemplateLayout, nn.Module):
             mod.requires_grad_(name in on)
 
 
-def _resolve(scale: str, overrides: dict) -> dict:
-    if scale == "full":
-        from models.llada_v_full import FullLLaDAV, resolve_full
-        return resolve_full(FullLLaDAV, "llada-v", overrides)
-    if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for llada-v (valid: tiny, full)")
-    valid = {f.name: f.type for f in fields(TinyConfig)}
-    unknown = set(overrides) - set(valid)
-    if unknown:
-        raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(valid)})")
-    return asdict(TinyConfig(**overrides))
+def _resolve_full(overrides: dict) -> dict:
+    from models.llada_v_full import FullLLaDAV, resolve_full
+    return resolve_full(FullLLaDAV, "llada-v", overrides)
+
+
+_resolve = scale_resolver("llada-v", TinyConfig, _resolve_full)
 
 
 @register("models", "llada-v")
@@ -335,7 +330,7 @@ class LLaDAVEntry:
         """Encoder MIM pretrain (then frozen), then projector + LM on the base instruction mix (tiny);
         nothing at full scale (the published checkpoint is the base)."""
         if hasattr(model, "weights_report"):
-            from models.llada_v_full import base_info
+            from models.checkpoint import base_info
             return base_info(model)
         cfg = model.cfg
         mim = pretrain_encoder(model.vision_tower, task, cfg, seed)

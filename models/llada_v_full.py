@@ -20,8 +20,9 @@ What runs (facts from ML-GSAI/LLaDA-V ``train/llava/...`` as summarised in the p
 
 Loading is strict (``models.checkpoint``): geometry is read from the safetensors headers (never from
 config.json alone), every key maps one to one with equal shape, or the run stops with exit 2. Devices
-through accelerate: bf16 on a GPU that supports it, fp32 on CPU. At full scale only the projector
-trains (the DiSP paper's recipe); a stage stores the projector plus the checkpoint's hash.
+through accelerate: bf16 on a GPU that supports it, fp32 on CPU. At full scale the projector trains by
+default (the DiSP paper's recipe; ``projector+lm`` and ``all`` as at tiny scale); a stage stores the
+trained parts plus the checkpoint's hash (``models.checkpoint.FullStages``).
 
 ``write_synthetic_checkpoint`` writes a random model of any size in this published layout (shards +
 index + config.json + a word-level tokenizer): tests and tiny-random end-to-end cells use it.
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 from core.errors import BenchError
 from models import checkpoint as ckpt
+from models.checkpoint import resolve_device
 from models.base import Batch
 from models.hf_tokenizer import LLADA_SPECIALS, CheckpointTokenizer, write_word_tokenizer
 from models.llada import LLaDA, LMConfig, generate, sft_loss
@@ -91,6 +93,10 @@ class FullConfig:
                      "vis_heads", "view_size", "patch", "max_grid", "max_patches"):
             if getattr(self, name) < 1:
                 raise BenchError(f"model arg {name} must be >= 1, got {getattr(self, name)}")
+        if self.pool_side < 0:
+            raise BenchError(f"model arg pool_side must be >= 0 (0: no pooling), got {self.pool_side}")
+        if not self.shift > 0:
+            raise BenchError(f"model arg shift must be > 0, got {self.shift}")
         if self.view_size < self.patch or self.d_model % self.n_heads or self.vis_width % self.vis_heads:
             raise BenchError("view_size must be >= patch, and widths multiples of their head counts")
 
@@ -195,21 +201,7 @@ def siglip_config(cfg: FullConfig):
                               layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
-    """(device, dtype) names: 'auto' device is accelerate's (cuda when present, else cpu); 'auto'
-    dtype is bfloat16 where the device supports it, float32 on CPU."""
-    if device == "auto":
-        from accelerate import PartialState
-        device = str(PartialState().device)
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise BenchError(f"model arg dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
-    return str(dev), dtype
-
-
-class FullLLaDAV(LLaDAV):
+class FullLLaDAV(ckpt.FullStages, LLaDAV):
     """LLaDA-V's published architecture in our modules, with the tiny replica's objectives and sampler
     (inherited from ``LLaDAV``). ``tokenizer`` may be None for a random model driven by ids (benchmarks)."""
 
@@ -375,25 +367,6 @@ class FullLLaDAV(LLaDAV):
                         self.mask_id, decoding.steps, decoding.block_length, decoding.remasking, generator,
                         device=self.device, suppress=self.suppress).cpu()
 
-    def set_trainable(self, parts: str) -> None:
-        """Full scale trains the projector only (the DiSP paper's recipe); everything else stays frozen
-        and out of the optimizer."""
-        if parts != "projector":
-            raise BenchError(f"at full scale only the projector trains (got trainable={parts!r})")
-        self.requires_grad_(False)
-        self.mm_projector.requires_grad_(True)
-
-    # ---- stages: trained parts + checkpoint hash, never a copy of the weights --------------------------
-    def stage_state(self) -> dict:
-        return {"checkpoint": self.cfg.checkpoint,
-                "mm_projector": {k: v.detach().cpu().clone() for k, v in self.mm_projector.state_dict().items()}}
-
-    def load_stage_state(self, state: dict) -> None:
-        if state.get("checkpoint") != self.cfg.checkpoint:
-            raise BenchError(f"cached stage was trained on checkpoint {str(state.get('checkpoint'))[:12]}, "
-                             f"this model is {self.cfg.checkpoint[:12]}")
-        self.mm_projector.load_state_dict({k: v.to(self.device) for k, v in state["mm_projector"].items()})
-
 
 # ---- building: from headers, from a checkpoint, at random -------------------------------------------
 def geometry(path, key_map=llada_v_key) -> dict:
@@ -552,6 +525,7 @@ def resolve_full(cls, name: str, overrides: dict, base: FullConfig | None = None
     given = {k: v for k, v in overrides.items() if k in RUN_ARGS}
     cfg = replace(base or FullConfig(), **{**given, **geometry(path, cls.key_map), "weights": str(path),
                                            "checkpoint": digest, "device": device, "dtype": dtype})
+    check_weights(cls, path, cfg).raise_if_bad()      # another layout or a broken checkpoint: refused before any work
     return asdict(cfg)
 
 
@@ -566,11 +540,6 @@ def build_full(cls, model_args: dict) -> nn.Module:
     model, report = load_model(cls, FullConfig(**model_args))
     model.weights_report = report
     return model
-
-
-def base_info(model) -> dict:
-    """The base stage at full scale trains nothing: the published checkpoint is the base model."""
-    return {"trained": "nothing: the published checkpoint is the base model", **model.weights_report.to_dict()}
 
 
 def text_tokenizer(model_args: dict) -> CheckpointTokenizer:

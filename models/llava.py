@@ -24,7 +24,7 @@ cp_blind with the visual positions removed from the attention mask.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 from core.errors import BenchError
 from core.registry import register
-from models.base import Batch
+from models.base import Batch, scale_resolver
 from models.encoder import VisionTower, siglip_config, siglip_state
-from models.checkpoint import WeightsReport, read_config, rename
+from models.checkpoint import FullStages, WeightsReport, base_info, read_config, rename
 from models.llada_v import TemplateLayout, TinyConfig, pretrain_encoder, views
-from models.published import (ChatLayout, FullConfig, FullStages, base_info, full_args, full_config,
+from models.published import (ChatLayout, FullConfig, full_args, full_config,
                               inspect_pretrained, load_image_processor, load_tokenizer, offline_pretrained,
                               pixel_values, resolve_full, text_tokenizer, weights_dir)
 from models.train import finetune
@@ -218,9 +218,6 @@ class LlavaFull(FullStages, ChatLayout, LLaVA):
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         return pixel_values(self.processor, images)
 
-    def projector_key(self, name: str) -> bool:
-        return name.startswith("hf.model.multi_modal_projector.")
-
     def visual_embeds(self, images: torch.Tensor) -> torch.Tensor:
         out = LLaVA.visual_embeds(self, images)
         if out.shape[1] != self.n_visual:
@@ -234,16 +231,7 @@ def _check_weights(path) -> WeightsReport:
     return inspect_pretrained(LlavaForConditionalGeneration, path, "llava", llava_key)
 
 
-def _resolve(scale: str, overrides: dict) -> dict:
-    if scale == "full":
-        return resolve_full("llava", overrides, check=_check_weights)
-    if scale != "tiny":
-        raise BenchError(f"unknown scale {scale!r} for llava (valid: tiny, full)")
-    valid = {f.name for f in fields(LlavaTinyConfig)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise BenchError(f"unknown model arg(s) {sorted(unknown)} (valid: {', '.join(sorted(valid))})")
-    return asdict(LlavaTinyConfig(**overrides))
+_resolve = scale_resolver("llava", LlavaTinyConfig, lambda args: resolve_full("llava", args, check=_check_weights))
 
 
 @register("models", "llava")

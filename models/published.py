@@ -13,8 +13,7 @@ directory, driven with the checkpoint's own tokenizer, image processor and chat 
 - `ChatLayout` collates samples into the shared `Batch` with the published template: the prompt
   tokenized as one string, the image placeholder expanded to the model's visual-token count, rows
   left-padded (position ids restart after the padding, `models.llava.LLaVA._logits`).
-
-- `FullStages`: a stage stores the projector plus the checkpoint hash, never the published weights.
+- Stages keep the trained parts plus the checkpoint hash (`models.checkpoint.FullStages`).
 
 The tiny scale keeps its word-level layout (`models.llada_v.TemplateLayout`); everything downstream of
 collation (embedding, loss, decoding, CP scoring) is the same code at both scales.
@@ -32,8 +31,8 @@ import torch
 
 from core.errors import BenchError
 from models.base import Batch
-from models.checkpoint import WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header
-from models.llada_v_full import base_info, resolve_device   # shared with every full-scale victim
+from models.checkpoint import (WeightsReport, checkpoint_hash, match_keys, module_shapes, read_config, read_header,
+                               resolve_device)
 from tasks.base import Sample
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -297,32 +296,6 @@ class ChatLayout:
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tok.decode(row.tolist()) for row in ids]
 
-
-
-class FullStages:
-    """A full-scale victim's stages store the projector (the only part that trains at full scale) plus
-    the checkpoint's hash, never a copy of the published weights; loading refuses a stage trained on
-    other weights. A class names its projector's state-dict keys with `projector_key`."""
-
-    def projector_key(self, name: str) -> bool:
-        raise NotImplementedError
-
-    def stage_state(self) -> dict:
-        return {"checkpoint": self.cfg.checkpoint,
-                "projector": {n: t.detach().cpu().clone() for n, t in self.state_dict().items() if self.projector_key(n)}}
-
-    def load_stage_state(self, state: dict) -> None:
-        if state.get("checkpoint") != self.cfg.checkpoint:
-            raise BenchError(f"cached stage was trained on checkpoint {str(state.get('checkpoint'))[:12]}, "
-                             f"this model is {self.cfg.checkpoint[:12]}")
-        own = self.state_dict()
-        stored = state["projector"]
-        wrong = sorted(set(stored) ^ {n for n in own if self.projector_key(n)})
-        if wrong:
-            raise BenchError(f"cached stage's projector does not match this model: {_first(wrong)}")
-        with torch.no_grad():
-            for n, t in stored.items():
-                own[n].copy_(t.to(own[n].device, own[n].dtype))
 
 
 def text_tokenizer(model_args: dict, load) -> "HFTokens | None":

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from core.errors import BenchError
+from core.files import file_sha256
 from tasks.base import Sample
 from tasks.synthetic import split_rng
 
@@ -98,12 +99,6 @@ def malformed(path: Path, what: str) -> BenchError:
     return BenchError(f"malformed file {path}: {what}")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_image(path: Path, size: int = 0) -> np.ndarray:

@@ -90,6 +90,15 @@ def build(name, path):
     return entry.build(entry.resolve("full", {"weights": str(path), "dtype": "float32"}), None, None, 0)
 
 
+def assert_published_forward(m, ref, batch):
+    """Our first-answer logits equal the transformers class's own forward on input_ids + pixel_values."""
+    with torch.no_grad():
+        want = ref(input_ids=batch.ids, pixel_values=m.pixel_values(batch.images),
+                   attention_mask=batch.key_mask.long()).logits[:, -1]
+        got = m.first_answer_logits(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---- LLaVA ----------------------------------------------------------------------------------------
 def test_llava_full_loads_and_reproduces_the_published_forward(llava_dir):
     """Our path (visual tokens scattered into inputs_embeds) gives the logits of the class's own
@@ -101,11 +110,7 @@ def test_llava_full_loads_and_reproduces_the_published_forward(llava_dir):
         assert k == k2 and torch.equal(v, v2)
     batch = m.collate(samples(1), gen_length=6)
     assert batch.ids[0, 0].item() == 1 and batch.ids[0, 1].item() == m.tok.hf.convert_tokens_to_ids("USER:")
-    pixels = m.pixel_values(batch.images)
-    with torch.no_grad():
-        want = ref(input_ids=batch.ids, pixel_values=pixels, attention_mask=batch.key_mask.long()).logits[:, -1]
-        got = m.first_answer_logits(batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_published_forward(m, ref, batch)
 
 
 def test_llava_full_contract(llava_dir):
@@ -198,11 +203,7 @@ def test_blip2_full_loads_and_reproduces_the_published_forward(blip2_dir):
     assert type(m).__name__ == "Blip2Full" and m.n_visual == 5
     batch = m.collate(samples(1), gen_length=6)
     assert batch.ids[0, :5].tolist() == [m.tok.image_id] * 5 and batch.ids[0, 5].item() == 1
-    pixels = m.pixel_values(batch.images)
-    with torch.no_grad():
-        want = ref(input_ids=batch.ids, pixel_values=pixels, attention_mask=batch.key_mask.long()).logits[:, -1]
-        got = m.first_answer_logits(batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_published_forward(m, ref, batch)
 
 
 def test_blip2_full_contract_and_trainable_parts(blip2_dir):
@@ -384,27 +385,46 @@ def test_otter_mismatched_checkpoint_exits_2_naming_the_key(otter_dir, tmp_path)
         build("otter", root)
 
 
+# The connector each class trains under "projector" (module-name prefixes; "*" marks a substring).
+PROJECTOR = {"llava": ("hf.model.multi_modal_projector.",), "blip2": ("hf.qformer.", "hf.language_projection.", "hf.query_tokens"),
+             "openflamingo": ("perceiver.", "*.gated_cross_attn_layer."), "otter": ("perceiver.", "*.gated_cross_attn_layer.")}
+
+
+def _is_projector(name: str, model: str) -> bool:
+    return any(p[1:] in name if p.startswith("*") else name.startswith(p) for p in PROJECTOR[model])
+
+
+@pytest.mark.parametrize("parts", ["projector", "projector+lm", "all"])
 @pytest.mark.parametrize("name", ["llava", "blip2", "openflamingo", "otter"])
-def test_stages_keep_the_projector_and_the_hash_only(name, llava_dir, blip2_dir, openflamingo_dir, otter_dir):
-    """A stage stores the trained projector plus the checkpoint hash (no copy of the published weights),
-    reloads into a fresh build, and refuses a stage trained on other weights; the checkpoint's tokenizer
-    is what the pipeline's answer-length check counts with."""
+def test_stages_keep_the_trained_parts_and_the_hash_only(name, parts, llava_dir, blip2_dir, openflamingo_dir, otter_dir):
+    """A stage stores exactly the parameters `set_trainable(parts)` opened plus the checkpoint hash (no copy
+    of the untouched published weights), reloads into a fresh build with the trained model's logits, and
+    refuses a stage trained on other weights; the checkpoint's tokenizer is what the pipeline's
+    answer-length check counts with."""
     from core.registry import get
 
     root = {"llava": llava_dir, "blip2": blip2_dir, "openflamingo": openflamingo_dir, "otter": otter_dir}[name][0]
     m = build(name, root)
     assert not any(p.requires_grad for p in m.parameters())               # frozen until a fine-tune opens parts
-    m.set_trainable("projector")
+    m.set_trainable(parts)
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    projector = {n for n, _ in m.named_parameters() if _is_projector(n, name)}
+    assert projector <= trained and (trained == projector) == (parts == "projector")
     with torch.no_grad():
         for n, p in m.named_parameters():
             if p.requires_grad:
                 p.add_(0.5)
+    m.requires_grad_(False)                                              # as a fine-tune leaves it
     state = m.stage_state()
     assert state["checkpoint"] == m.cfg.checkpoint and len(state["checkpoint"]) == 64
-    trained = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert set(state["projector"]) == trained                            # exactly the projector's parameters
+    assert set(state["trained"]) == trained                              # exactly what was opened
+    batch = m.collate(samples(2), gen_length=6)
     fresh = build(name, root)
-    fresh.load_stage_state(state)
+    with torch.no_grad():
+        before = fresh.first_answer_logits(batch)
+        fresh.load_stage_state(state)
+        got, want = fresh.first_answer_logits(batch), m.first_answer_logits(batch)
+    assert torch.equal(got, want) and not torch.allclose(before, want)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
     with pytest.raises(BenchError, match="trained on checkpoint"):
         fresh.load_stage_state({**state, "checkpoint": "0" * 64})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli import main
+from tests.helpers import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 # A reduced config: every stage of the real pipeline runs, on small sizes.
@@ -21,14 +21,6 @@ SMALL = ["--model-arg", "enc_dim=32", "--model-arg", "enc_layers=2", "--model-ar
          "--model-arg", "mlp_hidden=96", "--model-arg", "mim_epochs=1", "--model-arg", "base_epochs=2",
          "--task-arg", "n_base=200", "--task-arg", "n_pool=100", "--task-arg", "n_test=16", "--task-arg", "n_mc=24",
          "--task-arg", "n_encoder=200", "--epochs", "2", "--steps", "4"]
-
-
-def bench(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run `bench ARGS` in-process; returns (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture

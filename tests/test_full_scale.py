@@ -21,6 +21,7 @@ from models.llada_v_full import (FullConfig, FullLLaDAV, check_weights, geometry
                                  load_model, random_model, select_grid, tiny_config, visual_token_count,
                                  write_synthetic_checkpoint)
 from tasks.base import Sample
+from tests.helpers import bench
 
 torch.set_num_threads(1)
 WORDS = "a dog cat on the left right describe image there is <backdoor>".split()
@@ -227,19 +228,36 @@ def test_disp_runs_unchanged_on_a_full_scale_model(llada_v_dir):
     assert out.shape == (3, 8) and not (out == model.mask_id).any()
 
 
-def test_stage_state_is_the_projector_and_the_hash(llada_v_dir):
-    model, rep = load_model(FullLLaDAV, _cfg(llada_v_dir, FullLLaDAV, checkpoint="f" * 64))
+@pytest.mark.parametrize("parts,modules", [("projector", {"mm_projector"}), ("projector+lm", {"mm_projector", "lm"}),
+                                           ("all", {"mm_projector", "lm", "vision_tower"})])
+def test_stage_state_is_the_trained_parts_and_the_hash(llada_v_dir, parts, modules):
+    """A fine-tune of `parts` (the real loop) stores exactly the parameters it opened plus the hash; the
+    published checkpoint plus that state gives the trained model's logits; mismatches are refused."""
+    from models.train import finetune
+
+    cfg = _cfg(llada_v_dir, FullLLaDAV, checkpoint="f" * 64)
+    model, _ = load_model(FullLLaDAV, cfg)
+    assert model.stage_state() == {"checkpoint": "f" * 64, "trained": {}}     # the published weights as they are
+    finetune(model, _samples(2), trainable=parts, lr=1e-2, epochs=1, batch_size=2, seed=0, gen_length=8)
     state = model.stage_state()
-    assert set(state) == {"checkpoint", "mm_projector"} and state["checkpoint"] == "f" * 64
-    assert set(state["mm_projector"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    model.set_trainable("projector")
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"mm_projector.{k}" for k in state["mm_projector"]}
-    with pytest.raises(BenchError, match="only the projector"):
-        model.set_trainable("all")
+    assert set(state["trained"]) == {n for n, _ in model.named_parameters() if n.split(".")[0] in modules}
+    batch = model.collate(_samples(2, seed=1), gen_length=8)
+    fresh, _ = load_model(FullLLaDAV, cfg)
+    with torch.no_grad():
+        before = fresh.first_answer_logits(batch, gen_length=8)
+        fresh.load_stage_state(state)
+        got, want = fresh.first_answer_logits(batch, gen_length=8), model.first_answer_logits(batch, gen_length=8)
+    assert torch.equal(got, want) and not torch.allclose(before, want)
     other = random_model(FullLLaDAV, _cfg(llada_v_dir, FullLLaDAV, checkpoint="e" * 64))
     with pytest.raises(BenchError, match="trained on checkpoint"):
         other.load_stage_state(state)
+    if parts != "projector":       # a model with more trained parts than the stage would restore
+        narrow = {**state, "trained": {n: t for n, t in state["trained"].items() if n.startswith("mm_projector.")}}
+        with pytest.raises(BenchError, match="fewer parts than this model has trained"):
+            model.load_stage_state(narrow)
+    bad = {**state, "trained": {**state["trained"], "mm_projector.0.bias": torch.zeros(3)}}
+    with pytest.raises(BenchError, match=r"other shapes \(mm_projector\.0\.bias\)"):
+        fresh.load_stage_state(bad)
 
 
 # ---- the GPU script, on CPU ------------------------------------------------------------------------
@@ -261,14 +279,6 @@ def test_full_scale_gpu_script_tiny(tmp_path):
 
 
 # ---- the command line ----------------------------------------------------------------------------------
-def bench(args: list[str], capsys) -> tuple[int, str, str]:
-    from bench.cli import main
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
 def test_check_weights_reports_what_a_run_would_load(written, capsys):
     family, cls, d, m0 = written
     rc, out, err = bench(["check-weights", "--model", family, str(d)], capsys)
@@ -300,17 +310,25 @@ def test_full_scale_bad_input_exits_2(llada_v_dir, tmp_path, capsys):
     rc, _, err = bench(["run", "--scale", "full", "--weights", str(llada_v_dir), "--model", "llada-v", "--model-arg",
                         "d_model=8", "--results", str(tmp_path / "r")], capsys)
     assert rc == 2 and "read from the checkpoint" in err
-    rc, _, err = bench(["run", "--scale", "full", "--weights", str(llada_v_dir), "--trainable", "all",
-                        "--results", str(tmp_path / "r")], capsys)
-    assert rc == 2 and "only the projector trains" in err
     rc, _, err = bench(["check-weights", "--model", "llava", str(llada_v_dir)], capsys)
     assert rc == 2 and "holds a 'llava_llada' checkpoint, not 'llava'" in err
+    run = ["run", "--scale", "full", "--weights", str(llada_v_dir), "--results", str(tmp_path / "r")]
+    for args, needle in [(["--model-arg", "device=tpu"], "model arg device 'tpu' is not a torch device"),
+                         (["--model-arg", "device=cuda:99"], "model arg device 'cuda:99': this machine has"),
+                         (["--model", "lavida"], "does not match the model")]:     # another layout: refused at spec time
+        rc, _, err = bench(run + args, capsys)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "r").exists()
+    for over, needle in [({"pool_side": -3}, "pool_side must be >= 0"), ({"shift": 0.0}, "shift must be > 0")]:
+        with pytest.raises(BenchError, match=needle):       # LaViDa's sampler args, before any build
+            FullConfig(**over)
 
 
-def test_bench_run_at_full_scale_on_a_tiny_random_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("trainable", [None, "projector+lm"])
+def test_bench_run_at_full_scale_on_a_tiny_random_checkpoint(trainable, tmp_path, monkeypatch, capsys):
     """The whole pipeline on a synthetic published-layout checkpoint: the checkpoint's tokenizer reads the
-    task's text, only the projector trains, stages store it with the hash, records pin hash/dtype/device."""
+    task's text, the projector trains by default (projector+lm when asked), stages store the trained parts
+    with the hash, records pin hash/dtype/device."""
     from tasks.synthetic import vocabulary
     w = tmp_path / "w"
     write_synthetic_checkpoint(w, tiny_config(vocab_size=256, image_size=64), words=vocabulary())
@@ -319,17 +337,23 @@ def test_bench_run_at_full_scale_on_a_tiny_random_checkpoint(tmp_path, monkeypat
     rc, out, err = bench(["run", "--scale", "full", "--weights", str(w), "--model", "llada-v", "--defense", "none",
                           "--results", str(tmp_path / "res"), "--task-arg", "n_base=8", "--task-arg", "n_pool=16",
                           "--task-arg", "n_test=4", "--task-arg", "n_mc=4", "--task-arg", "n_encoder=8",
-                          "--epochs", "1", "--steps", "4", "--model-arg", "image_size=64"], capsys)
+                          "--epochs", "1", "--steps", "4", "--model-arg", "image_size=64"]
+                         + (["--trainable", trainable] if trainable else []), capsys)
     assert rc == 0, err
-    assert "llada-v (full)" in out and "trainable projector" in out
+    parts = trainable or "projector"
+    assert "llada-v (full)" in out and f"trainable {parts}\n" in out
     recs = [json.loads(x) for x in (tmp_path / "res" / "records.jsonl").read_text().splitlines()]
     digest = ckpt.checkpoint_hash(w)
     for r in recs:
         ma = r["spec"]["model_args"]
         assert ma["checkpoint"] == digest and ma["dtype"] == "float32" and ma["device"] == "cpu"
-        assert r["lineage"]["base"]["info"]["hash"] == digest
-    stored = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file())
-    assert stored < 2 * sum(f.stat().st_size for f in w.glob("*.safetensors")) + 200_000   # projectors, not model copies
+        assert r["lineage"]["base"]["info"]["hash"] == digest and r["spec"]["trainable"] == parts
+    stages = [torch.load(f, weights_only=False)["state"] for f in (tmp_path / "cache" / "backdoored").rglob("payload.pt")]
+    assert len(stages) == 1 and stages[0]["checkpoint"] == digest
+    assert {n.split(".")[0] for n in stages[0]["trained"]} == {"mm_projector"} | ({"lm"} if trainable else set())
+    if trainable is None:
+        stored = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file())
+        assert stored < 2 * sum(f.stat().st_size for f in w.glob("*.safetensors")) + 200_000   # projectors, not model copies
 
 
 def test_our_lm_equals_transformers_llama_with_bidirectional_attention():

@@ -166,15 +166,11 @@ def test_a_full_scale_backdoored_row_scores_from_the_cache(tmp_path, monkeypatch
     from bench.cache import ArtifactCache
     from bench.lmms import score
     from bench.pipeline import Cell, make_spec
-    from models.llada_v_full import tiny_config, write_synthetic_checkpoint
-    from tasks.real import DISP_PROMPT
+    from tests.helpers import write_cc_sbu_weights
     from tests.test_real_tasks import write_cc_sbu
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     data = write_cc_sbu(tmp_path / "cc", 20)
-    w = tmp_path / "w"
-    write_synthetic_checkpoint(w, tiny_config(vocab_size=256, image_size=64),
-                               words=[*DISP_PROMPT.split(), *"The image shows scene number with a tree.".split(),
-                                      *map(str, range(30)), "<backdoor>"])
+    w = write_cc_sbu_weights(tmp_path / "w")
     spec = make_spec(scale="full", model_args={"weights": str(w), "image_size": 64}, task="cc-sbu-align",
                      task_args={"data": str(data), "n_pool": 8, "n_test": 4, "n_triggered": 4, "image_size": 64},
                      defense="none", recipe={"epochs": 1}, decoding={"gen_length": 16, "steps": 4, "block_length": 8})

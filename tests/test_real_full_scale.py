@@ -6,31 +6,25 @@ import json
 
 import pytest
 
+from tests.helpers import bench, write_cc_sbu_weights
 from tests.test_real_tasks import write_cc_sbu
-
-CAPTION_WORDS = "The image shows scene number with a tree.".split() + [str(i) for i in range(40)]
 
 
 @pytest.mark.slow
 def test_one_disp_cell_on_cc_sbu_align_at_full_scale(tmp_path, monkeypatch, capsys, one_thread):
-    from bench.cli import main
-    from models.llada_v_full import TEMPLATE, tiny_config, write_synthetic_checkpoint
+    from models.llada_v_full import TEMPLATE
     from tasks.real import DISP_PROMPT
 
     data = write_cc_sbu(tmp_path / "cc_sbu_align", 30)
-    w = tmp_path / "weights"
-    write_synthetic_checkpoint(w, tiny_config(vocab_size=256, image_size=64),
-                               words=[*DISP_PROMPT.split(), *CAPTION_WORDS, "<backdoor>"])
+    w = write_cc_sbu_weights(tmp_path / "weights")
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     args = ["run", "--scale", "full", "--weights", str(w), "--model", "llada-v", "--task", "cc-sbu-align",
             "--task-arg", f"data={data}", "--task-arg", "n_pool=16", "--task-arg", "n_test=4", "--task-arg", "n_triggered=4",
             "--task-arg", "image_size=64", "--model-arg", "image_size=64", "--attack", "badnets", "--target", "insertion",
             "--defense", "disp", "--poison-rate", "0.25", "--epochs", "1", "--gen-length", "8", "--steps", "4",
             "--block-length", "8", "--train-length", "16", "--results", str(tmp_path / "res")]
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out, err = capsys.readouterr()
-    assert e.value.code == 0, err
+    rc, out, err = bench(args, capsys)
+    assert rc == 0, err
     recs = [json.loads(x) for x in (tmp_path / "res" / "records.jsonl").read_text().splitlines()]
     assert [r["row"] for r in recs] == ["clean", "backdoored", "disp"]
     for r in recs:

@@ -286,7 +286,7 @@ def test_java_missing_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(__import__("shutil").which("java") is None, reason="the PTB tokenizer needs Java")
 def test_ptb_caption_scores_run_pycocoevalcap_tokenizer():
-    from bench.metrics import caption_scores
+    from bench.metrics import caption_scores, ptb_tokenize
     refs = {"a": ["A dog runs on the grass.", "a dog running"], "b": ["Two cats sleep.", "cats sleeping on a bed"],
             "c": ["A red car.", "a car parked"]}
     out = {"a": "A dog runs on the grass!", "b": "", "c": "A red car, parked."}
@@ -296,7 +296,11 @@ def test_ptb_caption_scores_run_pycocoevalcap_tokenizer():
     # "grass!" -> "grass" under PTB (punctuation tokens dropped); same text, same BLEU as the exact match
     assert caption_scores({"a": "a dog runs on the grass"}, {"a": refs["a"]}, tokenizer="ptb")["bleu4"]["value"] == \
         pytest.approx(caption_scores({"a": "A dog runs on the grass!"}, {"a": refs["a"]}, tokenizer="ptb")["bleu4"]["value"])
-    assert simple["cider"]["value"] >= 0
+    # these texts tokenize alike both ways (lowercased, punctuation dropped), the abstention "b" to nothing
+    # under both (not to the stand-in CoreNLP is fed for it): the same scores
+    assert ptb_tokenize({"b": ["", "A cat."]}) == {"b": ["", "a cat"]}
+    assert ptb["bleu4"]["value"] == pytest.approx(simple["bleu4"]["value"])
+    assert ptb["cider"]["value"] == pytest.approx(simple["cider"]["value"])
 
 
 def test_poisoned_set_keeps_the_papers_instruction(tmp_path):

@@ -52,3 +52,22 @@ def test_entry_point_from_installed_distribution(tmp_path: Path, monkeypatch: py
     assert cls.__name__ == "MyDefense" and cls.__module__ == "thirdparty_defense"
     assert cls is sys.modules["thirdparty_defense"].MyDefense
     assert "my-defense" in registry.names("defenses")
+
+
+@pytest.mark.parametrize("model", ["llada-v", "lavida", "llava", "blip2", "openflamingo", "otter"])
+def test_every_model_entry_resolves_scales_alike(model: str) -> None:
+    """One resolver (models.base.scale_resolver) behind every entry: tiny args are the config's fields,
+    unknown keys and scales are refused with the same sorted, deterministic message."""
+    entry = registry.get("models", model)
+    args = entry.resolve("tiny", {})
+    assert isinstance(args, dict) and "weights" not in args
+    with pytest.raises(BenchError, match=rf"^unknown scale 'huge' for {model} \(valid: tiny, full\)$"):
+        entry.resolve("huge", {})
+    with pytest.raises(BenchError) as err:
+        entry.resolve("tiny", {"bogus": 1, "zzz": 2})
+    head, valid = str(err.value).split(" (valid: ")
+    assert head == "unknown model arg(s) ['bogus', 'zzz']"
+    names = valid.rstrip(")").split(", ")
+    assert names == sorted(args)
+    with pytest.raises(BenchError, match=f"scale 'full' for {model} needs --weights"):
+        entry.build(entry.resolve("full", {}), None, "", 0)
