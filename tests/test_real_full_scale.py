@@ -74,13 +74,9 @@ def test_victim_responses_are_the_base_models_own_answers_computed_once(tmp_path
     from bench.cache import ArtifactCache
     from bench.pipeline import Cell, run_cell, stage_keys
     from core.errors import BenchError
-    from models.llada_v_full import tiny_config, write_synthetic_checkpoint
-    from tasks.real import DISP_PROMPT
 
     data = write_cc_sbu(tmp_path / "cc_sbu_align", 14)
-    w = tmp_path / "weights"
-    write_synthetic_checkpoint(w, tiny_config(vocab_size=256, image_size=64),
-                               words=[*DISP_PROMPT.split(), *CAPTION_WORDS, "<backdoor>"])
+    w = write_cc_sbu_weights(tmp_path / "weights")
     cache = ArtifactCache(tmp_path / "cache")
     seen = []
     real_generate = bench.responses.generate_responses
