@@ -168,21 +168,24 @@ def _stage_key(rec: Mapping, stage: str) -> str | None:
 def _latest(recs: Iterable[Mapping]) -> dict[tuple[str, str, str, str], Mapping]:
     """One record per (row, row-args, target, target-args), all of one lineage per target column.
 
-    A column's lineage is that of its newest Backdoored or defended record: defended rows shown are
-    those descending from that Backdoored model, the Clean row the one fine-tuned from the same base.
-    Among records of one row and lineage (reruns) the newest wins, so nothing is counted twice and no
-    row descends from a model other than the one beside it. Input order is append order."""
+    A column's lineage is that of its newest record descending from a Backdoored model (the Backdoored
+    row or a defended one): defended rows shown are those descending from that Backdoored model, the
+    Clean row and the rows of defenses that retrain from the base without the backdoored model (a
+    training-time objective such as cross-view) those trained from the same base. Among records of one
+    row and lineage (reruns) the newest wins, so nothing is counted twice and no row descends from a
+    model other than the one beside it. Input order is append order."""
     by_col: dict[tuple[str, str], list[Mapping]] = defaultdict(list)
     for r in recs:
         spec = _spec(r)
         by_col[(str(spec.get("target", "?")), _canon(spec.get("target_args") or {}))].append(r)
     out: dict[tuple[str, str, str, str], Mapping] = {}
     for col, rs in by_col.items():
-        anchor = next((r for r in reversed(rs) if _row_name(r) != "clean"), rs[-1])
+        anchor = next((r for r in reversed(rs) if _row_name(r) != "clean" and _stage_key(r, "backdoored")),
+                      next((r for r in reversed(rs) if _row_name(r) != "clean"), rs[-1]))
         base, backdoored = _stage_key(anchor, "base"), _stage_key(anchor, "backdoored")
         for r in rs:
-            if _row_name(r) == "clean":
-                if _stage_key(r, "base") != base:
+            if _row_name(r) == "clean" or (backdoored and r.get("lineage") and not _stage_key(r, "backdoored")):
+                if _stage_key(r, "base") != base:       # trained from the base, not from a backdoored model
                     continue
             elif _stage_key(r, "backdoored") != backdoored:
                 continue

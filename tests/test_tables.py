@@ -175,6 +175,20 @@ def test_rows_side_by_side_share_lineage_and_reruns_count_once():
     assert list(df.index) == ["Clean", "Backdoored", "DiSP"] and df.iloc[1, 0] == "61.00"
 
 
+def test_rows_trained_from_the_base_sit_beside_the_backdoored_row():
+    """A training-time defense (cross-view) descends from the base, not from the Backdoored model: its row
+    is shown with the Backdoored and Clean rows of the same base, and a row from another base is not."""
+    cell = [rec("clean", 93, 0, 0, defense="crossview") | {"lineage": lin("B1")},
+            rec("backdoored", 96, 0, 100, defense="crossview") | {"lineage": lin("B1", "K1")},
+            rec("crossview", 89, 4, 100, defense="crossview") | {"lineage": lin("B1")}]
+    df = tables.table1(cell, "llada-v", "badnets", ["insertion"])
+    assert list(df.index) == ["Clean", "Backdoored", "Cross-view"]
+    assert df.iloc[1, 2] == "100.00" and df.iloc[2, 0] == "89.00"
+    other = [rec("crossview", 70, 0, 0, run="x", defense="crossview") | {"lineage": lin("B2")}]
+    df = tables.table1(other + cell[:2], "llada-v", "badnets", ["insertion"])
+    assert list(df.index) == ["Clean", "Backdoored"]            # that cross-view row was trained from another base
+
+
 def test_oracle_rows_are_labelled():
     recs = [rec("clean", 60, 0, 0), rec("backdoored", 61, 0, 99),
             rec("oracle", 60, 0, 0) | {"uses_oracle": True}, ]
