@@ -76,7 +76,15 @@ def append(results_dir: Path, record: dict) -> None:
 
 
 def spec_key(spec: dict) -> str:
-    """A record's spec as canonical JSON: two records of the same cell have the same key."""
+    """A record's spec as canonical JSON: two records of the same cell have the same key.
+
+    Records written before ``recipe.train_length`` existed trained their answers in the decoding window
+    (the field's default is ``decoding.gen_length``), so their key carries that value: they are the same
+    cell as a spec that states it, and a resumed grid does not compute them again."""
+    recipe, decoding = spec.get("recipe"), spec.get("decoding")
+    if isinstance(recipe, dict) and "train_length" not in recipe and isinstance(decoding, dict) \
+            and "gen_length" in decoding:
+        spec = {**spec, "recipe": {**recipe, "train_length": decoding["gen_length"]}}
     return json.dumps(spec, sort_keys=True, default=str)
 
 

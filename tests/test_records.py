@@ -77,3 +77,13 @@ def test_write_outputs_atomic_and_relative(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["run1.jsonl"]  # no tmp leftovers
     with pytest.raises(BenchError):
         records.write_outputs(tmp_path, "../escape", rows)
+
+
+def test_records_from_before_train_length_are_the_cell_that_states_the_default():
+    """A record written before recipe.train_length existed trained in the decoding window: its key equals
+    the key of the spec that states train_length = gen_length, and differs from any other window."""
+    from bench.records import spec_key
+
+    old = {"model": "llada-v", "recipe": {"lr": 0.001, "epochs": 20}, "decoding": {"gen_length": 32, "steps": 32}}
+    assert spec_key(old) == spec_key({**old, "recipe": {**old["recipe"], "train_length": 32}})
+    assert spec_key(old) != spec_key({**old, "recipe": {**old["recipe"], "train_length": 48}})
