@@ -2,7 +2,7 @@
 straight from the artifact cache) through the field's own harness, from local parquet files.
 
 lmms-eval (0.7.3) takes third-party models through the entry-point group ``lmms_eval.models`` whose
-payload is a ``ModelManifest`` (lmms_eval/models/registry_v2.py; ``/work/shared/FULL-SCALE.md``): our
+payload is a ``ModelManifest`` (lmms_eval/models/registry_v2.py; docs/datasets.md): our
 ``pyproject.toml`` declares ``vl-backdoor-bench = "bench.lmms:manifest"``, naming ``BenchVictim``, a
 ``lmms_eval.api.model.lmms`` subclass (``is_simple = True``) that answers ``generate_until`` with the
 victim's own sampler and chat template. Tasks run offline from local files: ``local_task`` writes a

@@ -2,7 +2,7 @@
 
 The only torchvision build the registry serves for our torch pin here is a CUDA one: installing it
 breaks `import torch`'s vision ops and, through transformers' image utilities (which import torchvision
-whenever it is present), `import transformers` too (/work/shared/FULL-SCALE.md "Traps"). Packages that
+whenever it is present), `import transformers` too (pyproject.toml, docs/victims.md). Packages that
 pull it in (open_clip, timm, lmms-eval) go in with `--no-deps`. This test imports nothing from it: it
 asks the import system and the installed distributions, and reads our sources as syntax trees.
 """
