@@ -10,6 +10,20 @@ import pytest
 CAPTION_WORDS = "The image shows scene number with a tree.".split() + [str(i) for i in range(40)]
 
 
+# A grid file's `fixed:` block for the smallest replica that still takes every stage of the real pipeline
+# (seconds a cell on one thread): the grid and executor tests check structure on it, not timing.
+TINY = """
+fixed:
+  attack: badnets
+  target: insertion
+  model_args: {enc_dim: 16, enc_layers: 2, enc_heads: 1, d_model: 16, n_layers: 1, n_heads: 1, mlp_hidden: 32,
+               mim_epochs: 1, base_epochs: 1}
+  task_args: {n_base: 32, n_pool: 40, n_test: 4, n_mc: 4, n_encoder: 32}
+  recipe: {epochs: 1}
+  decoding: {steps: 4}
+"""
+
+
 def bench(args: list[str], capsys) -> tuple[int, str, str]:
     """Run `bench ARGS` in-process; returns (exit code, stdout, stderr)."""
     from bench.cli import main

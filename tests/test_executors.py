@@ -19,19 +19,9 @@ from bench.executors import Resources, SubmititExecutor, parse_resources
 from bench.grid import load_grid, plan_tasks, run_grid
 from bench.worker import run_task
 from core.errors import BenchError
+from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-# The smallest replica that still takes every stage of the real pipeline (seconds a cell on one thread).
-TINY = """
-fixed:
-  attack: badnets
-  target: insertion
-  model_args: {enc_dim: 16, enc_layers: 2, enc_heads: 1, d_model: 16, n_layers: 1, n_heads: 1, mlp_hidden: 32,
-               mim_epochs: 1, base_epochs: 1}
-  task_args: {n_base: 32, n_pool: 40, n_test: 4, n_mc: 4, n_encoder: 32}
-  recipe: {epochs: 1}
-  decoding: {steps: 4}
-"""
 
 
 def grid_file(tmp_path, defenses: str = "[none]", extra: str = "") -> Path:

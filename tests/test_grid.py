@@ -16,6 +16,7 @@ from bench import records, tables
 from bench.grid import load_grid, run_grid, stage_tasks
 from bench.cache import ArtifactCache
 from core.errors import BenchError
+from tests.helpers import TINY  # smaller still than SMALL: tests of structure, not timing
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = """
@@ -29,17 +30,6 @@ fixed:
   decoding: {steps: 4}
 """
 
-# Smaller still, for tests that check structure rather than timing (every stage still runs).
-TINY = """
-fixed:
-  attack: badnets
-  target: insertion
-  model_args: {enc_dim: 16, enc_layers: 2, enc_heads: 1, d_model: 16, n_layers: 1, n_heads: 1, mlp_hidden: 32,
-               mim_epochs: 1, base_epochs: 1}
-  task_args: {n_base: 32, n_pool: 40, n_test: 4, n_mc: 4, n_encoder: 32}
-  recipe: {epochs: 1}
-  decoding: {steps: 4}
-"""
 
 
 def write(tmp_path, body: str, name: str = "g.yaml") -> Path:
